@@ -1,0 +1,189 @@
+"""Pre-LN attention blocks with the official fused per-head layout (reference §1.3 "Attention details", §7.1).
+
+Every transformer of the released models (transmitter encoder, text/image priors) is built from these blocks, and
+the module attribute names are the official key names (``resblocks.{i}.attn.c_qkv``, ``ln_1``, ``mlp.c_fc``, …), so
+the released state dicts load without renaming.
+
+Layouts that matter for loading weights:
+
+* self-attention ``c_qkv``: ``Linear(W, 3W)`` whose output is viewed as ``[heads, 3·d]``: head ``h`` owns rows
+  ``[h·3d, (h+1)·3d)`` = its q (d rows), k (d), v (d) — **per-head** q|k|v, not q-all|k-all|v-all;
+* cross-attention ``c_q``: ``Linear(W, W)`` viewed as ``[heads, d]``; ``c_kv``: ``Linear(D, 2W)`` viewed as
+  ``[heads, 2·d]``, per-head k|v;
+* scaling 1/sqrt(d) (the official code splits it as d^-1/4 on q and on k; same product), softmax over keys, no
+  masks, no dropout; LayerNorm eps 1e-5; MLP = Linear(W, 4W) → exact GELU → Linear(4W, W).
+
+Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel on GPU
+(flash / memory-efficient) and keeps the softmax in fp32 under bf16/fp16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+
+def init_linear(layer: nn.Linear, std: float) -> nn.Linear:
+    """Official transformer init: weight ~ N(0, std²), bias 0. Returns the layer."""
+    nn.init.normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _check_heads(width: int, heads: int) -> int:
+    if heads < 1 or width % heads:
+        raise ValueError(f"width ({width}) must be a positive multiple of heads ({heads})")
+    return width // heads
+
+
+class MLP(nn.Module):
+    """Linear(W, 4W) → exact GELU → Linear(4W, W) (keys ``c_fc``, ``c_proj``)."""
+
+    def __init__(self, *, width: int, init_scale: float = 1.0) -> None:
+        super().__init__()
+        std = init_scale / math.sqrt(width)
+        self.c_fc = init_linear(nn.Linear(width, 4 * width), std)
+        self.c_proj = init_linear(nn.Linear(4 * width, width), std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., W] → [..., W]``."""
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class MultiheadAttention(nn.Module):
+    """Self-attention with the fused per-head ``c_qkv`` layout (``[3W, W]``) and an output ``c_proj``."""
+
+    def __init__(self, *, width: int, heads: int, init_scale: float = 1.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = _check_heads(width, heads)
+        std = init_scale / math.sqrt(width)
+        self.c_qkv = init_linear(nn.Linear(width, 3 * width), std)
+        self.c_proj = init_linear(nn.Linear(width, width), std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[B, N, W]`` → ``[B, N, W]``."""
+        qkv = rearrange(self.c_qkv(x), "b n (h e) -> b h n e", h=self.heads)  # [B, H, N, 3d], per-head q|k|v
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 × [B, H, N, d]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d], scale 1/sqrt(d)
+        return self.c_proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, W]
+
+
+class MultiheadCrossAttention(nn.Module):
+    """Queries attend to a data sequence: ``c_q`` ``[W, W]``, ``c_kv`` ``[2W, D]`` (per-head k|v), ``c_proj``."""
+
+    def __init__(self, *, width: int, heads: int, data_width: int | None = None, init_scale: float = 1.0) -> None:
+        super().__init__()
+        data_width = width if data_width is None else data_width
+        self.heads = heads
+        self.head_dim = _check_heads(width, heads)
+        std = init_scale / math.sqrt(width)
+        self.c_q = init_linear(nn.Linear(width, width), std)
+        self.c_kv = init_linear(nn.Linear(data_width, 2 * width), std)
+        self.c_proj = init_linear(nn.Linear(width, width), std)
+
+    def forward(self, x: Tensor, data: Tensor) -> Tensor:
+        """``x``: ``[B, N, W]`` queries, ``data``: ``[B, M, D]`` → ``[B, N, W]``."""
+        q = rearrange(self.c_q(x), "b n (h d) -> b h n d", h=self.heads)  # [B, H, N, d]
+        kv = rearrange(self.c_kv(data), "b m (h e) -> b h m e", h=self.heads)  # [B, H, M, 2d], per-head k|v
+        k, v = kv.split(self.head_dim, dim=-1)  # 2 × [B, H, M, d]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d]
+        return self.c_proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, W]
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN self-attention block: ``x + attn(ln_1 x)``, then ``x + mlp(ln_2 x)``."""
+
+    def __init__(self, *, width: int, heads: int, init_scale: float = 1.0) -> None:
+        super().__init__()
+        self.attn = MultiheadAttention(width=width, heads=heads, init_scale=init_scale)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = MLP(width=width, init_scale=init_scale)
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, N, W] → [B, N, W]``."""
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ResidualCrossAttentionBlock(nn.Module):
+    """Pre-LN cross-attention block: ``x + attn(ln_1 x, ln_2 data)``, then ``x + mlp(ln_3 x)``."""
+
+    def __init__(self, *, width: int, heads: int, data_width: int | None = None, init_scale: float = 1.0) -> None:
+        super().__init__()
+        data_width = width if data_width is None else data_width
+        self.attn = MultiheadCrossAttention(width=width, heads=heads, data_width=data_width, init_scale=init_scale)
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(data_width)
+        self.mlp = MLP(width=width, init_scale=init_scale)
+        self.ln_3 = nn.LayerNorm(width)
+
+    def forward(self, x: Tensor, data: Tensor) -> Tensor:
+        """``x``: ``[B, N, W]``, ``data``: ``[B, M, D]`` → ``[B, N, W]``."""
+        x = x + self.attn(self.ln_1(x), self.ln_2(data))
+        return x + self.mlp(self.ln_3(x))
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`ResidualAttentionBlock` (``resblocks.{i}``).
+
+    ``init_scale`` is the official one (0.25 in the releases): every linear gets std ``init_scale / sqrt(width)``.
+    ``checkpoint=True`` recomputes each block in the backward pass (``torch.utils.checkpoint``, non-reentrant),
+    trading compute for activation memory; it only acts while gradients are enabled.
+    """
+
+    def __init__(self, *, width: int, layers: int, heads: int, init_scale: float = 0.25, checkpoint: bool = False) -> None:
+        super().__init__()
+        if layers < 0:
+            raise ValueError(f"layers must be >= 0, got {layers}")
+        self.width = width
+        self.checkpoint = checkpoint
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width=width, heads=heads, init_scale=init_scale) for _ in range(layers)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, N, W] → [B, N, W]``."""
+        for block in self.resblocks:
+            if self.checkpoint and torch.is_grad_enabled():
+                x = activation_checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class SimplePerceiver(nn.Module):
+    """A stack of :class:`ResidualCrossAttentionBlock` that all attend to the same data (``resblocks.{i}``)."""
+
+    def __init__(
+        self,
+        *,
+        width: int,
+        layers: int,
+        heads: int,
+        data_width: int | None = None,
+        init_scale: float = 0.25,
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.resblocks = nn.ModuleList(
+            ResidualCrossAttentionBlock(width=width, heads=heads, data_width=data_width, init_scale=init_scale)
+            for _ in range(layers)
+        )
+
+    def forward(self, x: Tensor, data: Tensor) -> Tensor:
+        """``x``: ``[B, N, W]``, ``data``: ``[B, M, D]`` → ``[B, N, W]``."""
+        for block in self.resblocks:
+            if self.checkpoint and torch.is_grad_enabled():
+                x = activation_checkpoint(block, x, data, use_reentrant=False)
+            else:
+                x = block(x, data)
+        return x
