@@ -180,16 +180,16 @@ def transmitter_modules_from_state_dict(
     mlp_kwargs: Mapping | None = None,
     params_proj_kwargs: Mapping | None = None,
 ) -> TransmitterModules:
-    """Build :class:`TransmitterModules` and load an official-layout transmitter state dict strictly.
+    """Build a :class:`shapee.models.Transmitter` and load an official-layout transmitter state dict strictly.
 
     The modules are built on the meta device and adopt the checkpoint's tensors (``assign=True``: no random init,
     no second copy of the ~1.8 GB of weights), cast to ``dtype`` (``None`` keeps the file's) and moved to
     ``device``. Sizes are the released ones unless overridden by the ``*_kwargs`` (tests use tiny sizes).
     """
+    from shapee.models.transmitter import Transmitter  # the composite; imported here to avoid an import cycle
+
     with torch.device("meta"):
-        modules = build_transmitter_modules(
-            encoder_kwargs=encoder_kwargs, mlp_kwargs=mlp_kwargs, params_proj_kwargs=params_proj_kwargs
-        )
+        modules = Transmitter(encoder=encoder_kwargs, mlp=mlp_kwargs, params_proj=params_proj_kwargs)
     expected = {_to_official_key(k): tuple(v.shape) for k, v in modules.state_dict().items()}
     check_state_dict(expected, state_dict, name="transmitter")
     ours = {}
@@ -220,7 +220,7 @@ OFFICIAL_LOADERS: dict[str, Callable[..., nn.Module]] = {"transmitter": transmit
 def load_official(name: str, path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], **kwargs) -> nn.Module:
     """Load a released checkpoint (a path to a ``.pt``/``.safetensors`` file, or a state dict) by model name.
 
-    ``load_official("transmitter", "transmitter.pt")`` → :class:`TransmitterModules`. ``kwargs`` go to the loader
+    ``load_official("transmitter", "transmitter.pt")`` → :class:`shapee.models.Transmitter`. ``kwargs`` go to the loader
     (``device``, ``dtype``, size overrides).
     """
     if name not in OFFICIAL_LOADERS:

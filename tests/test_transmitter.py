@@ -1,0 +1,101 @@
+"""The Transmitter composite: stage-nerf losses, target-ray sampling, rendering, official loading into it."""
+
+import pytest
+import torch
+
+from shapee.cameras import Cameras, random_cameras
+from shapee.io import load_official
+from shapee.io.official import to_official_state_dict
+from shapee.models import Transmitter
+
+TINY = dict(
+    encoder=dict(width=32, heads=2, layers=2, data_ctx=32, d_latent=32, n_points=256, n_views=2,
+                 pointconv_hidden=[32, 32], pointconv_samples=16, image_size=32, patch_size=8, mv_hidden=16),
+    mlp=dict(d_hidden=16),
+    n_coarse=8,
+    n_fine=8,
+    rays_per_asset=64,
+)
+
+
+def make_batch(B=2, V=2, T=3, H=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    views, targets = random_cameras(V, resolution=H, generator=g), random_cameras(T, resolution=H, generator=g)
+    return dict(
+        points=torch.rand(B, 256, 6, generator=g) * 2 - 1,
+        views=torch.rand(B, V, H, H, 3, generator=g),
+        view_alpha=(torch.rand(B, V, H, H, generator=g) > 0.5).float(),
+        view_depth=torch.rand(B, V, H, H, generator=g) + 3,
+        view_cameras=views.to_matrix()[None].repeat(B, 1, 1, 1),
+        view_fov=torch.full((B,), views.x_fov),
+        target_rgb=torch.rand(B, T, H, H, 3, generator=g),
+        target_alpha=(torch.rand(B, T, H, H, generator=g) > 0.5).float(),
+        target_cameras=targets.to_matrix()[None].repeat(B, 1, 1, 1),
+        target_fov=torch.full((B,), targets.x_fov),
+    )
+
+
+def test_nerf_stage_losses_and_gradients():
+    model = Transmitter(**TINY)
+    losses = model.loss_dict(make_batch())
+    names = {"nerf_rgb_fine", "nerf_rgb_coarse", "nerf_transmittance_fine", "nerf_transmittance_coarse"}
+    assert names <= set(losses) and "metric/ray_psnr" in losses
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    sum(losses[k] for k in names).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert no_grad == []
+
+
+def test_unknown_and_unbuilt_stages_are_refused():
+    with pytest.raises(ValueError, match="unknown encoder stage"):
+        Transmitter(**TINY, stage="stf")
+    model = Transmitter(**TINY)
+    with pytest.raises(ValueError, match="unknown encoder stage 'nerfs'"):
+        model.loss_dict(make_batch(), stage="nerfs")
+
+
+def test_target_rays_are_the_pixels_they_claim_and_skip_held_out_views():
+    model = Transmitter(**{**TINY, "rays_per_asset": 500}, holdout_views=1)
+    batch = make_batch(B=2, T=3, H=8)
+    # Colour every pixel by its own (view, row, col) so the sampled target tells which pixel was taken.
+    B, T, H, W = batch["target_alpha"].shape
+    v, r, c = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    code = torch.stack([v.float(), r.float(), c.float()], -1)  # [T, H, W, 3]
+    batch["target_rgb"] = code[None].repeat(B, 1, 1, 1, 1)
+    origins, dirs, rgb, alpha = model.sample_target_rays(batch, generator=torch.Generator().manual_seed(0))
+    view, row, col = rgb[..., 0].long(), rgb[..., 1].long(), rgb[..., 2].long()
+    assert view.max() < T - 1  # the held-out last view is never a training target
+    cams = Cameras.from_matrix(batch["target_cameras"][0], W, H, float(batch["target_fov"][0]))
+    o_ref, d_ref = cams.pixel_rays(view[0], row[0], col[0])
+    torch.testing.assert_close(origins[0], o_ref)
+    torch.testing.assert_close(dirs[0], d_ref)
+    assert torch.equal(alpha[1], batch["target_alpha"][1][view[1], row[1], col[1]])
+
+
+def test_render_nerf_shapes_and_determinism():
+    model = Transmitter(**TINY).eval()
+    with torch.no_grad():
+        latent = model.encode(make_batch(), generator=torch.Generator().manual_seed(0))
+        cams = random_cameras(2, resolution=6)
+        a = model.render_nerf(latent, cams, deterministic=True)
+        b = model.render_nerf(latent, cams, deterministic=True)
+    assert a["rgb"].shape == (2, 2, 6, 6, 3) and a["transmittance"].shape == (2, 2, 6, 6)
+    assert torch.equal(a["rgb"], b["rgb"])
+    assert (a["transmittance"] >= 0).all() and (a["transmittance"] <= 1).all()
+
+
+def test_official_layout_loads_into_a_transmitter():
+    source = Transmitter(**TINY)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    sd = {k: v.clone() for k, v in to_official_state_dict(source).items()}
+    loaded = load_official("transmitter", sd, encoder_kwargs=TINY["encoder"], mlp_kwargs=TINY["mlp"])
+    assert isinstance(loaded, Transmitter)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    points = torch.rand(1, 10, 3) * 2 - 1
+    latent = torch.rand(1, source.encoder.latent_ctx, source.encoder.d_latent) * 2 - 1  # [1, 64, 32]
+    torch.testing.assert_close(
+        loaded.query(loaded.decode_params(latent), points)["sdf"], source.query(source.decode_params(latent), points)["sdf"]
+    )
