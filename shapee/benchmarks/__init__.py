@@ -1,0 +1,1 @@
+"""shapee.benchmarks."""
