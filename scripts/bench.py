@@ -1,0 +1,89 @@
+"""Benchmarks: ``python scripts/bench.py <name> [options]``; prints a table and writes JSON.
+
+    python scripts/bench.py prepare_data [--asset mesh.obj ...] [--repeats 3] [--warmup 1] [--set views=2 ...]
+        [--json runs/bench/prepare_data.json]
+    python scripts/bench.py encoder [--batch-size 1] [--no-backward] [--checkpoint] [--precision auto|bf16|fp32]
+        [--repeats 3] [--warmup 1] [--json runs/bench/encoder.json]
+
+Add a benchmark: a function in ``shapee/benchmarks/<name>.py`` returning a JSON-ready dict and a sub-command here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    """``["views=2", "backend=embree"]`` → ``{"views": 2, "backend": "embree"}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"bench: --set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _write(result: dict, path: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    from shapee.benchmarks.prepare import bench_prepare_data, format_table
+
+    result = bench_prepare_data(args.asset, repeats=args.repeats, warmup=args.warmup, settings=_parse_sets(args.set))
+    print(format_table(result))
+    _write(result, args.json or "runs/bench/prepare_data.json")
+
+
+def cmd_encoder(args: argparse.Namespace) -> None:
+    from shapee.benchmarks.encoder import bench_encoder, bench_nerf, format_encoder_table
+
+    enc = bench_encoder(batch_size=args.batch_size, backward=not args.no_backward, checkpoint=args.checkpoint,
+                        precision=args.precision, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                        n_views=args.views, image_size=args.image_size, n_points=args.points)
+    nerf = bench_nerf(precision=args.precision, repeats=args.repeats, warmup=args.warmup, device=args.device)
+    print(format_encoder_table(enc, nerf))
+    _write({"encoder": enc, "nerf": nerf}, args.json or "runs/bench/encoder.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="name", required=True)
+
+    p = sub.add_parser("prepare_data", help="seconds per asset of scripts/prepare_data.py, split by step")
+    p.add_argument("--asset", action="append", help="mesh file (repeatable); default: shared/assets/good/capsule.obj")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="PrepareSettings override")
+    p.add_argument("--json", default=None, help="where to write the JSON result")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("encoder", help="released-size encoder forward/backward time and memory, NeRF rays/s")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--views", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--points", type=int, default=16384)
+    p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    p.add_argument("--checkpoint", action="store_true", help="activation checkpointing (what fits big batches on GPU)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_encoder)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
