@@ -1,0 +1,128 @@
+"""Benchmark of latent → mesh (what ``sample.py`` does per asset): seconds per step at a 128³ grid.
+
+Steps, as :func:`shapee.render.stf.latent_to_mesh` runs them: ``decode`` (params projection), ``grid`` (the SDF at
+G³ points through the implicit MLP), ``mc`` (pad + Marching Cubes 33), ``colors`` (the STF colour at the vertices),
+``trimesh`` (building the ``trimesh.Trimesh``), ``total``.
+
+The default model is the release-size decoding path (params projection 1024 × 1024 latent → MLP weights, NeRSTF MLP
+of width 256) with random weights, behind a minimal encoder that the benchmark never runs. A randomly initialised
+SDF head is ≈ −0.1 everywhere (no surface), which would make marching cubes and the colour query trivially cheap;
+so by default a sphere of radius ``sphere_radius`` is added to the network's SDF, giving a mesh of realistic size
+(≈ 2.4·10⁴ faces at 128³ for the effective radius 0.4) while every grid point still goes through the full MLP.
+Pass ``sphere_radius=None`` with a trained transmitter to time it as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+STEPS = ("decode", "grid", "mc", "colors", "trimesh", "total")
+
+
+def _release_size_decoder(device):
+    """A Transmitter whose params projection and MLP have the released sizes; the encoder is minimal (unused here)."""
+    from shapee.models import Transmitter
+
+    tiny_encoder = dict(width=64, heads=2, layers=1, data_ctx=64, n_points=1024, n_views=1, pointconv_samples=16,
+                        pointconv_hidden=(64, 64), image_size=32, patch_size=8)
+    return Transmitter(encoder=tiny_encoder).to(device).eval()
+
+
+def bench_latent_to_mesh(
+    grid_size: int = 128,
+    *,
+    transmitter=None,
+    batch_size: int = 1,
+    repeats: int = 3,
+    warmup: int = 1,
+    sphere_radius: float | None = 0.5,
+    chunk: int | None = 2**16,
+    device: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Time latent → coloured mesh ``repeats`` times (after ``warmup`` untimed runs); returns a JSON-ready dict.
+
+    ``transmitter``: anything with ``decode_params``/``query`` and ``encoder.latent_ctx``/``d_latent`` (default:
+    release-size decoder with random weights, see module docstring). Result: ``median`` seconds per step, ``runs``
+    (all timed runs), ``vertices``/``faces`` of the first mesh, ``settings``, ``machine``.
+    """
+    import torch
+
+    from shapee.render import stf
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = transmitter if transmitter is not None else _release_size_decoder(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    latent = torch.randn(batch_size, model.encoder.latent_ctx, model.encoder.d_latent, generator=g).tanh().to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run() -> tuple[dict, list]:
+        times = {}
+        with torch.no_grad():
+            sync()
+            t0 = t = time.perf_counter()
+
+            def lap(name):
+                nonlocal t
+                sync()
+                now = time.perf_counter()
+                times[name] = now - t
+                t = now
+
+            params = model.decode_params(latent)
+            lap("decode")
+
+            def sdf_fn(points):
+                sdf = model.query(params, points)["sdf"]
+                return sdf if sphere_radius is None else sdf + (sphere_radius - points.norm(dim=-1))
+
+            sdf = stf.query_grid(sdf_fn, batch_size, grid_size, chunk=chunk, device=device)
+            lap("grid")
+            meshes = stf.extract_meshes(sdf)
+            lap("mc")
+            colors = stf.query_vertex_colors(lambda p: model.query(params, p)["stf_rgb"], [v for v, _ in meshes],
+                                             chunk=chunk)
+            lap("colors")
+            out = [stf.to_trimesh(verts, faces, rgb) for (verts, faces), rgb in zip(meshes, colors)]
+            lap("trimesh")
+            times["total"] = time.perf_counter() - t0
+        return times, out
+
+    for _ in range(warmup):
+        run()
+    runs = []
+    for _ in range(repeats):
+        times, meshes = run()
+        runs.append({k: round(v, 4) for k, v in times.items()})
+    return {
+        "benchmark": "stf_latent_to_mesh",
+        "median": {k: round(statistics.median(r[k] for r in runs), 4) for k in STEPS},
+        "runs": runs,
+        "vertices": len(meshes[0].vertices),
+        "faces": len(meshes[0].faces),
+        "settings": {"grid_size": grid_size, "batch_size": batch_size, "chunk": chunk, "sphere_radius": sphere_radius,
+                     "repeats": repeats, "warmup": warmup, "device": str(device)},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+if __name__ == "__main__":  # python -m shapee.benchmarks.stf [grid_size]
+    import json
+    import sys
+
+    print(json.dumps(bench_latent_to_mesh(int(sys.argv[1]) if len(sys.argv) > 1 else 128), indent=2))

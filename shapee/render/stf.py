@@ -1,0 +1,497 @@
+"""Parameter-free STF (mesh) rendering: SDF grid → Marching Cubes 33 → vertex colours → soft PyTorch3D render.
+
+The renderer knows nothing about networks. It asks two *fields*, both per-asset batched,
+
+    sdf_fn(points [B, P, 3]) -> sdf [B, P]        (positive inside, DESIGN.md)
+    rgb_fn(points [B, P, 3]) -> rgb [B, P, 3]     (sRGB in [0, 1], the STF colour head)
+
+and turns them into meshes or images, as the official ``render_views_from_stf`` does (reference §4):
+
+1. :func:`query_grid`: the SDF on an ``N³`` grid spanning ``bounds`` inclusively (§4.1), in chunks of points;
+2. :func:`extract_meshes`: pad with a −1 ("outside") border so every mesh is closed, then Marching Cubes 33 on the
+   padded grid **with bounds widened by one voxel**, so vertices stay at their true world positions (the official
+   code maps the padded 130³ grid onto the unpadded box and shrinks every mesh by 127/129, §4.2 / §8.3.3);
+3. :func:`query_vertex_colors`: the STF colour at the mesh vertices, meshes padded to the largest vertex count;
+4. :func:`render_meshes`: PyTorch3D rasterisation (cameras of :func:`shapee.cameras.to_pytorch3d`), barycentric
+   vertex colours, flat face normals, the dataset's "basic" lighting (:func:`shapee.render.lighting.shade_basic`),
+   soft silhouette blending so that alpha is differentiable w.r.t. the vertices (§4.3).
+
+Gradients flow image → fragment colours/barycentrics/distances → vertex positions and colours → (MC's linear zero
+crossing) the two SDF samples of each crossing edge, and (colour query) the colour head: both reach the latent.
+
+Glue for a :class:`shapee.models.Transmitter` (which the model's ``render_stf``/``to_mesh`` call) sits at the end:
+:func:`transmitter_fields`, :func:`render_latents`, :func:`latent_to_mesh`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shapee.cameras import Cameras, to_pytorch3d
+from shapee.render.lighting import LIGHT_DIRECTION, shade_basic
+from shapee.render.mc33 import marching_cubes
+
+if TYPE_CHECKING:  # pragma: no cover
+    import trimesh
+
+__all__ = [
+    "SdfFn",
+    "RgbFn",
+    "grid_points",
+    "query_grid",
+    "pad_grid",
+    "extract_meshes",
+    "replace_empty_meshes",
+    "query_vertex_colors",
+    "render_meshes",
+    "render_stf",
+    "transmitter_fields",
+    "render_latents",
+    "latent_to_mesh",
+    "to_trimesh",
+]
+
+SdfFn = Callable[[Tensor], Tensor]  # points [B, P, 3] -> sdf [B, P]
+RgbFn = Callable[[Tensor], Tensor]  # points [B, P, 3] -> sRGB [B, P, 3]
+
+# Reference §4.3: the official soft rasteriser. σ is in squared NDC units (PyTorch3D's ``dists``): a face's
+# coverage of a pixel is sigmoid(−d/σ), and faces farther than blur_radius = σ·ln(1/ε − 1) (coverage < ε = 1e-4)
+# are not rasterised. A pixel is 2/S NDC wide, so the soft edge reaches √(9.2σ) ≈ 0.0096 NDC ≈ 0.3 px at 64²,
+# 0.6 px at 128², 1.2 px at 256²: it stays a sub- to one-pixel band at the resolutions we train at.
+SIGMA = 1e-5
+GAMMA = 1e-4  # depth softmax temperature of the colour blend (official BlendParams γ)
+FACES_PER_PIXEL = 50  # official; PyTorch3D keeps the K nearest faces within the blur radius per pixel
+COVERAGE_EPS = 1e-4
+# PyTorch3D's clip planes for our cameras (objects in [-1, 1]³, cameras ~4 units away). The softmax colour blend
+# normalises depth by zfar − znear; the official renderer uses znear 1, zfar 100.
+ZNEAR, ZFAR = 0.1, 100.0
+# A fixed small triangle standing in for an empty mesh (reference §4.2): its output is masked to transparent.
+_DUMMY_TRIANGLE = ((0.0, 0.0, 0.0), (1e-3, 0.0, 0.0), (0.0, 1e-3, 0.0))
+
+
+def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
+    if len(bounds) != 2 or not float(bounds[1]) > float(bounds[0]):
+        raise ValueError(f"bounds must be (lo, hi) with hi > lo, got {bounds}")
+    return float(bounds[0]), float(bounds[1])
+
+
+def _chunked(fn: Callable[[Tensor], Tensor], points: Tensor, chunk: int | None) -> Tensor:
+    """``fn`` over ``points`` ``[B, P, 3]`` in slices of ``chunk`` points along P; outputs concatenated on dim 1."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of points (or None), got {chunk}")
+    P = points.shape[1]
+    if chunk is None or chunk >= P:
+        return fn(points)
+    return torch.cat([fn(points[:, i : i + chunk].contiguous()) for i in range(0, P, chunk)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- 1. the grid
+def grid_points(
+    grid_size: int,
+    bounds: tuple[float, float] = (-1.0, 1.0),
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``[N, N, N, 3]`` points indexed ``[x, y, z]``: coordinate ``lo + idx/(N−1)·(hi − lo)`` (reference §4.1)."""
+    if grid_size < 2:
+        raise ValueError(f"grid_size must be at least 2, got {grid_size}")
+    lo, hi = _check_bounds(bounds)
+    axis = lo + torch.arange(grid_size, device=device, dtype=torch.float64) / (grid_size - 1) * (hi - lo)  # [N]
+    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).to(dtype)  # [N, N, N, 3]
+
+
+def query_grid(
+    query_fn: SdfFn,
+    batch_size: int,
+    grid_size: int = 128,
+    bounds: tuple[float, float] = (-1.0, 1.0),
+    *,
+    chunk: int | None = 2**16,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The SDF of ``batch_size`` assets on an ``N³`` grid: ``[B, N, N, N]`` float32, indexed ``[x, y, z]``.
+
+    ``query_fn(points [B, P, 3]) -> sdf [B, P]`` is called with the same grid points for every asset, ``chunk``
+    points at a time (x-major order, as the official 4096-point batches; the chunk only bounds memory). The output is
+    cast to float32: marching cubes runs in fp32 (STYLE rule 8).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    points = grid_points(grid_size, bounds, device=device).reshape(1, -1, 3)  # [1, N³, 3]
+    points = points.expand(batch_size, -1, -1)  # [B, N³, 3] (a view: one copy of the grid)
+
+    def checked(p: Tensor) -> Tensor:
+        sdf = query_fn(p)
+        if sdf.shape != p.shape[:2]:
+            raise ValueError(
+                f"query_fn must map points {tuple(p.shape)} to sdf {tuple(p.shape[:2])}, got {tuple(sdf.shape)}"
+            )
+        return sdf.float()
+
+    sdf = _chunked(checked, points, chunk)  # [B, N³]
+    return sdf.reshape(batch_size, grid_size, grid_size, grid_size)
+
+
+def pad_grid(sdf: Tensor, bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[Tensor, tuple[float, float]]:
+    """Pad ``sdf`` ``[B, N, N, N]`` with a −1 (outside) border → ``[B, N+2, N+2, N+2]`` and its bounds.
+
+    The padded grid keeps the voxel size h = (hi − lo)/(N − 1): its bounds are ``(lo − h, hi + h)``, so a sample
+    keeps its world position. (The official code pads to 130³ but keeps the bounds (−1, 1): the 127/129 shrink, §4.2.)
+    """
+    if sdf.dim() != 4 or len(set(sdf.shape[1:])) != 1:
+        raise ValueError(f"sdf must be a batch of cubic grids [B, N, N, N], got shape {tuple(sdf.shape)}")
+    lo, hi = _check_bounds(bounds)
+    h = (hi - lo) / (sdf.shape[-1] - 1)
+    return F.pad(sdf, (1, 1, 1, 1, 1, 1), value=-1.0), (lo - h, hi + h)
+
+
+def extract_meshes(
+    sdf: Tensor, bounds: tuple[float, float] = (-1.0, 1.0), *, pad: bool = True
+) -> list[tuple[Tensor, Tensor]]:
+    """Marching Cubes 33 on each grid of ``sdf`` ``[B, N, N, N]`` over ``bounds`` → ``[(verts [V,3], faces [F,3])]``.
+
+    With ``pad`` (default) the grid gets a −1 border first (:func:`pad_grid`) so every mesh is closed. ``verts`` are
+    differentiable w.r.t. ``sdf``; an asset without a zero crossing gets ``V = F = 0`` (see
+    :func:`replace_empty_meshes`).
+    """
+    if sdf.dim() != 4:
+        raise ValueError(f"sdf must have shape [B, N, N, N], got {tuple(sdf.shape)}")
+    if pad:
+        sdf, bounds = pad_grid(sdf, bounds)
+    return marching_cubes(sdf.float(), bounds=bounds)
+
+
+def replace_empty_meshes(
+    meshes: Sequence[tuple[Tensor, Tensor]], anchors: Tensor
+) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """Swap each empty mesh for a small dummy triangle tied to its field; return the meshes and ``mesh_mask`` ``[B]``.
+
+    ``anchors``: ``[B, ...]`` one tensor per asset in the autograd graph of its field (e.g. the SDF grid). The dummy's
+    vertices are ``anchors[b].mean() · 0 + fixed points``, so the rendering loss still reaches every parameter of the
+    field (DDP needs a gradient for each parameter, reference §4.2); ``mesh_mask`` is False there and
+    :func:`render_meshes` masks the dummy out to transparent.
+    """
+    if anchors.shape[0] != len(meshes):
+        raise ValueError(f"anchors must have one entry per mesh ({len(meshes)}), got shape {tuple(anchors.shape)}")
+    out, mask = [], []
+    for b, (verts, faces) in enumerate(meshes):  # a loop over assets, not points
+        empty = faces.shape[0] == 0
+        if empty:
+            fixed = torch.tensor(_DUMMY_TRIANGLE, dtype=torch.float32, device=anchors.device)  # [3, 3]
+            verts = anchors[b].float().mean() * 0.0 + fixed
+            faces = torch.tensor([[0, 1, 2]], dtype=torch.int64, device=anchors.device)
+        out.append((verts, faces))
+        mask.append(not empty)
+    return out, torch.tensor(mask, dtype=torch.bool, device=anchors.device)
+
+
+def query_vertex_colors(rgb_fn: RgbFn, verts_list: Sequence[Tensor], *, chunk: int | None = 2**16) -> list[Tensor]:
+    """STF colours ``[V_b, 3]`` at the vertices of each mesh (``rgb_fn`` on the vertex sets padded to the largest).
+
+    The vertex sets are zero-padded into one ``[B, V_max, 3]`` batch (the official renderer does the same) so the
+    per-asset MLP weights are used in one batched call; the padding rows are dropped afterwards.
+    """
+    counts = [int(v.shape[0]) for v in verts_list]
+    if max(counts, default=0) == 0:
+        return [v.new_zeros(0, 3) for v in verts_list]
+    padded = torch.nn.utils.rnn.pad_sequence(list(verts_list), batch_first=True)  # [B, V_max, 3]
+
+    def checked(p: Tensor) -> Tensor:
+        rgb = rgb_fn(p)
+        if rgb.shape != p.shape:
+            raise ValueError(f"rgb_fn must map points {tuple(p.shape)} to colours of the same shape, "
+                             f"got {tuple(rgb.shape)}")
+        return rgb.float()
+
+    rgb = _chunked(checked, padded, chunk)  # [B, V_max, 3]
+    return [rgb[b, :n] for b, n in enumerate(counts)]
+
+
+# ------------------------------------------------------------------------------------------- 4. rasterising
+def _rasterize(meshes, p3d_cameras, *, image_size: int, blur_radius: float, faces_per_pixel: int,
+               bin_size: int | None, max_faces_per_bin: int | None):
+    """PyTorch3D fragments; the naive rasteriser on CPU, and on CUDA whenever the coarse bins overflow."""
+    from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
+
+    if bin_size is None and meshes.device.type != "cuda":
+        bin_size = 0  # the coarse-to-fine binned rasteriser is a CUDA speed-up; naive is the one for CPU
+
+    def rasterize(bin_size):
+        settings = RasterizationSettings(
+            image_size=image_size,
+            blur_radius=blur_radius,
+            faces_per_pixel=faces_per_pixel,
+            bin_size=bin_size,
+            max_faces_per_bin=max_faces_per_bin,
+            # Official choice (§4.3): MC triangles are a voxel wide, so affine vs perspective barycentrics differ
+            # by far less than a colour quantum, and the affine ones have the simpler, NaN-free backward.
+            perspective_correct=False,
+            clip_barycentric_coords=True,  # soft fragments just outside a face get its edge colour
+            cull_backfaces=False,
+        )
+        return MeshRasterizer(cameras=p3d_cameras, raster_settings=settings)(meshes)
+
+    # Bin overflow is a RuntimeError on CPU but only a warning (and silently missing faces) on CUDA.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fragments = rasterize(bin_size)
+            overflow = any("Bin size was too small" in str(w.message) for w in caught)
+        except RuntimeError as error:
+            if "faces per bin" not in str(error):
+                raise
+            overflow = True
+    for w in caught:  # pass any other warning on
+        if "Bin size was too small" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return rasterize(0) if overflow else fragments
+
+
+def render_meshes(
+    verts_list: Sequence[Tensor],
+    faces_list: Sequence[Tensor],
+    colors_list: Sequence[Tensor],
+    cameras: Cameras | Sequence[Cameras],
+    *,
+    mesh_mask: Tensor | None = None,
+    soft: bool = True,
+    sigma: float = SIGMA,
+    gamma: float = GAMMA,
+    faces_per_pixel: int = FACES_PER_PIXEL,
+    light_dir: Sequence[float] | Tensor = LIGHT_DIRECTION,
+    bin_size: int | None = None,
+    max_faces_per_bin: int | None = None,
+) -> dict[str, Tensor]:
+    """Render ``B`` vertex-coloured meshes from ``N`` square views each, with the dataset lighting, on black.
+
+    Args:
+        verts_list, faces_list, colors_list: per mesh ``[V_b, 3]`` world positions, ``[F_b, 3]`` int64 faces
+            (F_b ≥ 1, see :func:`replace_empty_meshes`), ``[V_b, 3]`` sRGB vertex colours in [0, 1].
+        cameras: one :class:`Cameras` of ``N`` views per mesh (same size and fov for all), or one shared by all
+            meshes. Views must be square with ``x_fov == y_fov`` (PyTorch3D, §4.3).
+        mesh_mask: ``[B]`` bool; False renders that asset fully transparent (multiplied by 0, graph kept).
+        soft: soft silhouette (differentiable alpha, official σ/γ/K) or hard (one face per pixel, binary alpha;
+            gradients only through barycentrics: for previews and exports).
+        sigma, gamma, faces_per_pixel: soft rasteriser settings (see ``SIGMA``); blur radius = σ·ln(1/ε − 1).
+
+    Pixel colour: vertex colours interpolated with (affine) barycentrics, shaded per fragment with the flat face
+    normal by :func:`shade_basic` (sRGB → linear · (0.3 + 0.7|n·L|) → sRGB); in soft mode the fragment colours are
+    blended by PyTorch3D's depth softmax and alpha = 1 − Π(1 − sigmoid(−d/σ)). The colour is premultiplied by
+    alpha (composited on black), like the dataset images and the official render (§4.3).
+
+    Returns ``rgb`` ``[B, N, H, W, 3]`` (sRGB on black) and ``alpha`` ``[B, N, H, W]``, float32 on the cameras' device.
+    """
+    from pytorch3d.renderer import BlendParams
+    from pytorch3d.renderer.blending import softmax_rgb_blend
+    from pytorch3d.structures import Meshes
+
+    B = len(verts_list)
+    if B == 0 or len(faces_list) != B or len(colors_list) != B:
+        raise ValueError(
+            f"verts_list, faces_list and colors_list must be non-empty and of equal length, got "
+            f"{len(verts_list)}, {len(faces_list)}, {len(colors_list)}"
+        )
+    for b, (v, f, c) in enumerate(zip(verts_list, faces_list, colors_list)):
+        if v.dim() != 2 or v.shape[-1] != 3:
+            raise ValueError(f"verts_list[{b}] must have shape [V, 3], got {tuple(v.shape)}")
+        if f.dim() != 2 or f.shape[-1] != 3 or f.shape[0] == 0:
+            raise ValueError(
+                f"faces_list[{b}] must have shape [F, 3] with F >= 1, got {tuple(f.shape)} "
+                "(replace empty meshes with replace_empty_meshes first)"
+            )
+        if c.shape != v.shape:
+            raise ValueError(f"colors_list[{b}] must match its vertices {tuple(v.shape)}, got {tuple(c.shape)}")
+    cams = list(cameras) if not isinstance(cameras, Cameras) else [cameras] * B
+    if len(cams) != B:
+        raise ValueError(f"cameras must be one Cameras per mesh ({B}) or a single shared one, got {len(cams)}")
+    N = len(cams[0])
+    if any(len(c) != N for c in cams):
+        raise ValueError(f"every mesh needs the same number of views, got {[len(c) for c in cams]}")
+    all_cams = Cameras.cat(cams)  # [B·N] views, mesh-major (checks equal sizes / fovs)
+    device = all_cams.device
+    H, W = all_cams.height, all_cams.width
+    if mesh_mask is not None and mesh_mask.shape != (B,):
+        raise ValueError(f"mesh_mask must have shape [{B}], got {tuple(mesh_mask.shape)}")
+
+    # Each mesh repeated once per view (mesh-major, like the cameras). Packed tensors stay differentiable.
+    verts = [v.float() for v in verts_list for _ in range(N)]
+    meshes = Meshes(verts=verts, faces=[f for f in faces_list for _ in range(N)])
+    colors_packed = torch.cat([c.float() for c in colors_list for _ in range(N)])  # [ΣV, 3]
+    faces_packed = meshes.faces_packed()  # [ΣF, 3]
+    tri = meshes.verts_packed()[faces_packed]  # [ΣF, 3 corners, 3]
+    face_normals = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)  # [ΣF, 3]
+    # Zero-area faces (MC can emit them when a field value is ~0 at a sample): keep the division finite.
+    face_normals = face_normals / face_normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    blur_radius = sigma * math.log(1.0 / COVERAGE_EPS - 1.0) if soft else 1e-10  # 1e-10: no holes on shared edges
+    fragments = _rasterize(
+        meshes,
+        to_pytorch3d(all_cams, znear=ZNEAR, zfar=ZFAR),
+        image_size=H,
+        blur_radius=blur_radius,
+        faces_per_pixel=faces_per_pixel if soft else 1,
+        bin_size=bin_size,
+        max_faces_per_bin=max_faces_per_bin,
+    )
+    pix_to_face = fragments.pix_to_face  # [BN, H, W, K] packed face ids, −1: none
+    hit = pix_to_face >= 0  # [BN, H, W, K]
+
+    # Shade only the fragments that exist (usually a small fraction of BN·H·W·K).
+    face = pix_to_face[hit]  # [M]
+    bary = fragments.bary_coords[hit]  # [M, 3]
+    albedo = torch.einsum("mc,mcd->md", bary, colors_packed[faces_packed[face]])  # [M, 3] sRGB
+    # Flat face normals, as the dataset renders. Those flip each normal toward the camera; the lighting is two-sided
+    # (|n·L|), so the flip cannot change a colour and is skipped here.
+    shaded = shade_basic(albedo.clamp(0.0, 1.0), face_normals[face], light_dir)  # [M, 3] sRGB
+    fragment_rgb = torch.zeros(*hit.shape, 3, dtype=shaded.dtype, device=device)  # [BN, H, W, K, 3]
+    fragment_rgb = fragment_rgb.index_put((hit,), shaded)
+
+    if soft:
+        params = BlendParams(sigma=sigma, gamma=gamma, background_color=(0.0, 0.0, 0.0))
+        rgba = softmax_rgb_blend(fragment_rgb, fragments, params, znear=ZNEAR, zfar=ZFAR)  # [BN, H, W, 4]
+        alpha = rgba[..., 3]  # [BN, H, W]
+        # The softmax blend gives a faint edge fragment its full colour: premultiply (composite on black).
+        rgb = rgba[..., :3] * alpha[..., None]  # [BN, H, W, 3]
+    else:
+        alpha = hit[..., 0].to(shaded.dtype)  # [BN, H, W]
+        rgb = fragment_rgb[..., 0, :]  # [BN, H, W, 3], black where nothing was hit
+
+    rgb = rgb.reshape(B, N, H, W, 3)
+    alpha = alpha.reshape(B, N, H, W)
+    if mesh_mask is not None:
+        keep = mesh_mask.to(device=device, dtype=rgb.dtype)  # [B]
+        rgb = rgb * keep[:, None, None, None, None]
+        alpha = alpha * keep[:, None, None, None]
+    return {"rgb": rgb, "alpha": alpha}
+
+
+# --------------------------------------------------------------------------------------------- the pipeline
+def render_stf(
+    sdf_fn: SdfFn,
+    rgb_fn: RgbFn,
+    cameras: Cameras | Sequence[Cameras],
+    *,
+    batch_size: int | None = None,
+    grid_size: int = 128,
+    bounds: tuple[float, float] = (-1.0, 1.0),
+    chunk: int | None = 2**16,
+    **render_kwargs,
+) -> dict:
+    """Fields → images: grid query → MC33 (padded, no shrink) → STF colour at the vertices → soft render.
+
+    ``cameras``: one :class:`Cameras` per asset, or one shared set (then ``batch_size`` = number of assets is
+    required). ``render_kwargs`` go to :func:`render_meshes` (``soft``, ``sigma``, ``faces_per_pixel``, ...).
+
+    Returns ``rgb`` ``[B, N, H, W, 3]``, ``alpha`` ``[B, N, H, W]``, ``mesh_mask`` ``[B]`` (False: the field had no
+    surface and the asset rendered transparent), ``sdf`` ``[B, G, G, G]`` (the unpadded grid, e.g. for
+    regularisers), and per asset ``verts``/``faces``/``colors`` (empty for a masked asset).
+    """
+    if isinstance(cameras, Cameras):
+        if batch_size is None:
+            raise ValueError("batch_size is required when one Cameras is shared by all assets")
+        B = batch_size
+    else:
+        B = len(cameras)
+        if batch_size is not None and batch_size != B:
+            raise ValueError(f"batch_size={batch_size} but {B} Cameras were given (one per asset)")
+    device = cameras.device if isinstance(cameras, Cameras) else cameras[0].device
+
+    sdf = query_grid(sdf_fn, B, grid_size, bounds, chunk=chunk, device=device)  # [B, G, G, G]
+    raw = extract_meshes(sdf, bounds)
+    meshes, mesh_mask = replace_empty_meshes(raw, sdf)
+    verts_list = [v for v, _ in meshes]
+    faces_list = [f for _, f in meshes]
+    # Dummy triangles are coloured by the field too, so the colour head also stays in the graph.
+    colors_list = query_vertex_colors(rgb_fn, verts_list, chunk=chunk)
+    out = render_meshes(verts_list, faces_list, colors_list, cameras, mesh_mask=mesh_mask, **render_kwargs)
+    out.update(
+        mesh_mask=mesh_mask,
+        sdf=sdf,
+        verts=[v for v, _ in raw],
+        faces=[f for _, f in raw],
+        colors=[c if keep else c[:0] for c, keep in zip(colors_list, mesh_mask.tolist())],
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------- transmitter glue
+def transmitter_fields(transmitter, latent: Tensor) -> tuple[SdfFn, RgbFn]:
+    """``(sdf_fn, rgb_fn)`` of a :class:`shapee.models.Transmitter` for latents ``[B, ...]`` (decoded once)."""
+    params = transmitter.decode_params(latent)
+
+    def sdf_fn(points: Tensor) -> Tensor:
+        return transmitter.query(params, points)["sdf"]  # [B, P]
+
+    def rgb_fn(points: Tensor) -> Tensor:
+        return transmitter.query(params, points)["stf_rgb"]  # [B, P, 3]
+
+    return sdf_fn, rgb_fn
+
+
+def render_latents(
+    transmitter,
+    latent: Tensor,
+    cameras: Cameras | Sequence[Cameras],
+    *,
+    grid_size: int = 128,
+    **kwargs,
+) -> dict:
+    """STF images of latents ``[B, ...]`` through ``transmitter`` (what ``Transmitter.render_stf`` calls).
+
+    ``cameras``: one set shared by all latents or one per latent; ``kwargs`` go to :func:`render_stf`.
+    """
+    sdf_fn, rgb_fn = transmitter_fields(transmitter, latent)
+    batch_size = latent.shape[0] if isinstance(cameras, Cameras) else None
+    return render_stf(sdf_fn, rgb_fn, cameras, batch_size=batch_size, grid_size=grid_size, **kwargs)
+
+
+@torch.no_grad()
+def latent_to_mesh(
+    transmitter,
+    latent: Tensor,
+    grid_size: int = 128,
+    *,
+    bounds: tuple[float, float] = (-1.0, 1.0),
+    chunk: int | None = 2**16,
+) -> "list[trimesh.Trimesh]":
+    """Meshes of latents ``[B, ...]`` (or one latent without the batch axis), with sRGB vertex colours.
+
+    The colours are the STF head's sRGB values as 8-bit RGBA (not the linear values the official export writes,
+    issue #86, §4.3). Vertices are at true world positions (no 127/129 shrink). A latent without a surface gives an
+    empty mesh.
+    """
+    expected = getattr(getattr(transmitter, "encoder", None), "latent_ctx", None)
+    if latent.dim() == 2:
+        latent = latent[None]
+    if latent.dim() != 3 or (expected is not None and latent.shape[1] != expected):
+        rows = expected or "R"
+        raise ValueError(f"latent must have shape [B, {rows}, D] or [{rows}, D], got {tuple(latent.shape)}")
+    sdf_fn, rgb_fn = transmitter_fields(transmitter, latent)
+    sdf = query_grid(sdf_fn, latent.shape[0], grid_size, bounds, chunk=chunk, device=latent.device)
+    meshes = extract_meshes(sdf, bounds)
+    colors = query_vertex_colors(rgb_fn, [v for v, _ in meshes], chunk=chunk)
+    return [to_trimesh(verts, faces, rgb) for (verts, faces), rgb in zip(meshes, colors)]
+
+
+def to_trimesh(verts: Tensor, faces: Tensor, colors: Tensor) -> "trimesh.Trimesh":
+    """``verts`` ``[V, 3]``, ``faces`` ``[F, 3]``, sRGB ``colors`` ``[V, 3]`` in [0, 1] → a ``trimesh.Trimesh`` with
+    8-bit sRGB RGBA vertex colours, vertex order and count kept (no merging)."""
+    import trimesh
+
+    if verts.shape != colors.shape or verts.dim() != 2 or verts.shape[-1] != 3:
+        raise ValueError(f"verts and colors must both be [V, 3], got {tuple(verts.shape)} and {tuple(colors.shape)}")
+    rgba = torch.cat([colors.detach().clamp(0, 1), torch.ones_like(colors[:, :1])], dim=-1)  # [V, 4]
+    return trimesh.Trimesh(
+        vertices=verts.detach().cpu().double().numpy(),
+        faces=faces.cpu().numpy(),
+        vertex_colors=(rgba * 255).round().to(torch.uint8).cpu().numpy(),
+        process=False,  # keep MC's vertex order and count
+    )
