@@ -27,6 +27,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Tiny test models are dominated by per-op overhead, which extra threads only add to (and subprocess tests running
+# beside the main process would oversubscribe the cores). Tests that want more set it themselves.
+torch.set_num_threads(int(os.environ.get("SHAPEE_TEST_THREADS", "1")))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -458,3 +458,15 @@ def test_trainer_configs_compose_and_match_schema():
         resolve_trainer_config({"bach_size": 3})
     with pytest.raises(TypeError, match="has no loss_dict"):
         train(tiny_cfg(), model=nn.Linear(2, 2), train_set=ToyRegression(), run_dir="/nonexistent")
+
+
+def test_interval_meter_averages_each_key_over_the_batches_that_reported_it():
+    from shapee.train.logger import IntervalMeter
+
+    meter = IntervalMeter()
+    meter.add_micro({"mse": torch.tensor(1.0), "metric/q1": torch.tensor(4.0)}, torch.tensor(1.0))
+    meter.end_step(applied=True)
+    meter.add_micro({"mse": torch.tensor(3.0)}, torch.tensor(3.0))  # no q1 sample in this batch
+    meter.end_step(applied=True)
+    out = meter.flush(global_batch=2)
+    assert out["loss/mse"] == 2.0 and out["metric/q1"] == 4.0 and out["loss/total"] == 2.0

@@ -46,6 +46,35 @@ def test_nerf_stage_losses_and_gradients():
     assert no_grad == []
 
 
+def test_distill_stage_adds_sdf_and_colour_terms():
+    model = Transmitter(**TINY, stage="distill", distill_points=50)
+    batch = make_batch()
+    g = torch.Generator().manual_seed(3)
+    batch["sdf_points"] = torch.rand(2, 80, 3, generator=g) * 2 - 1
+    batch["sdf"] = 0.5 - batch["sdf_points"].norm(dim=-1)  # a sphere, positive inside
+    losses = model.loss_dict(batch)
+    assert {"distill_sdf", "distill_rgb", "nerf_rgb_fine"} <= set(losses)
+    (losses["distill_sdf"] + losses["distill_rgb"]).backward()
+    assert model.encoder.output_proj.weight.grad.abs().sum() > 0  # the distill terms reach the encoder
+    assert model.state_dict().keys() == Transmitter(**TINY).state_dict().keys()  # no teacher weights in ours
+    with pytest.raises(ValueError, match="teacher_checkpoint"):
+        Transmitter(**TINY, teacher="pointe")
+
+
+def test_finetune_stage_adds_the_mesh_render_loss_and_exports_meshes(tmp_path):
+    model = Transmitter(**TINY, stage="finetune", stf_grid_size=12, stf_views=2, stf_resolution=16)
+    losses = model.loss_dict(make_batch())
+    assert "stf_rgba" in losses and torch.isfinite(losses["stf_rgba"])
+    losses["stf_rgba"].backward()
+    assert model.encoder.output_proj.weight.grad is not None  # the mesh render reaches the encoder
+    with torch.no_grad():
+        latent = model.encode(make_batch())
+    mesh = model.to_mesh(latent[:1], grid_size=12)
+    meshes = model.to_mesh(latent, grid_size=12)
+    assert isinstance(meshes, list) and len(meshes) == 2
+    assert mesh.visual.vertex_colors.shape[0] == len(mesh.vertices)
+
+
 def test_unknown_and_unbuilt_stages_are_refused():
     with pytest.raises(ValueError, match="unknown encoder stage"):
         Transmitter(**TINY, stage="stf")

@@ -7,6 +7,13 @@ loop weights and sums them.
 
 Stage ``nerf`` (paper §3.1 / reference §8.2): L1 on the rendered RGB of the coarse and fine passes plus L1 on the
 transmittance of both passes against 1 − alpha, over ``rays_per_asset`` random pixels of each asset's target views.
+
+Stage ``finetune``: the NeRF losses plus L_STF = (1/(N·s²)) Σ ‖Render(Mesh_i) − Image_i‖² over RGBA target views, the
+mesh coming from differentiable Marching Cubes 33 on the SDF head and rendered by PyTorch3D with the dataset's lighting.
+
+Stage ``distill``: the NeRF losses plus E_x[|SDF_θ(x) − SDF_teacher(x)| + |RGB_θ(x) − RGB_NN(x)|] with the teacher
+``mesh`` (the record's exact SDF samples) or ``pointe`` (a trained Point-E SDF regressor, see
+:mod:`shapee.models.distill_losses` for the decisions behind the targets).
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from torch import Tensor
 
 from shapee.cameras import Cameras
 from shapee.io.official import TransmitterModules, build_transmitter_modules
+from shapee.models.distill_losses import distill_loss, nearest_cloud_colour, teacher_sdf
+from shapee.models.stf_losses import rgba, stf_finetune_loss
 from shapee.render import nerf as nerf_renderer
+from shapee.render import stf
 
 STAGES = ("nerf", "distill", "finetune")
 
@@ -35,6 +45,14 @@ class Transmitter(TransmitterModules):
             (they are the held-out views of the evaluation PSNR).
         render_chunk: rays per asset per renderer call when rendering whole images.
         stage: the training stage ``loss_dict(batch)`` computes by default (``nerf``, ``distill``, ``finetune``).
+        teacher: SDF teacher of stage ``distill``: ``mesh`` (the records' exact SDF samples) or ``pointe``.
+        teacher_checkpoint: the Point-E SDF teacher for ``teacher=pointe``: our snapshot
+            (``scripts/train_pointe_sdf.py``) or the official ``sdf.pt``; loaded on first use, never saved with us.
+        distill_points: teacher SDF samples per asset per step.
+        stf_grid_size: SDF grid of the mesh extraction in stage ``finetune`` (128³ as released).
+        stf_views: target views rendered per asset per ``finetune`` step (random subset; None: all training views).
+        stf_resolution: render ``finetune`` views at this size (targets area-resized to it, which shifts edge pixels
+            by up to half a render pixel against the corner-aligned rays); None: the records' size.
     """
 
     def __init__(
@@ -49,6 +67,12 @@ class Transmitter(TransmitterModules):
         holdout_views: int = 0,
         render_chunk: int = 4096,
         stage: str = "nerf",
+        teacher: str = "mesh",
+        teacher_checkpoint: str | None = None,
+        distill_points: int = 4096,
+        stf_grid_size: int = 128,
+        stf_views: int | None = None,
+        stf_resolution: int | None = None,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown encoder stage {stage!r}; expected one of {STAGES}")
@@ -57,6 +81,13 @@ class Transmitter(TransmitterModules):
         self.n_coarse, self.n_fine = n_coarse, n_fine
         self.rays_per_asset, self.holdout_views, self.render_chunk = rays_per_asset, holdout_views, render_chunk
         self.stage = stage  # what loss_dict(batch) trains when the loop calls it without a stage
+        if teacher not in ("mesh", "pointe"):
+            raise ValueError(f"unknown SDF teacher {teacher!r}: expected 'mesh' or 'pointe'")
+        if teacher == "pointe" and not teacher_checkpoint:
+            raise ValueError("teacher='pointe' needs teacher_checkpoint=<Point-E SDF snapshot or official sdf.pt>")
+        self.teacher, self.teacher_checkpoint, self.distill_points = teacher, teacher_checkpoint, distill_points
+        self._teacher_model: list = []  # a plain list keeps the frozen teacher out of state_dict / DDP / the optimiser
+        self.stf_grid_size, self.stf_views, self.stf_resolution = stf_grid_size, stf_views, stf_resolution
 
     # ------------------------------------------------------------------------------------------ public API
     def encode(self, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> Tensor:
@@ -106,19 +137,53 @@ class Transmitter(TransmitterModules):
             chunk_size=self.render_chunk,
         )
 
+    def render_stf(self, latent: Tensor, cameras: Cameras | Sequence[Cameras], *, grid_size: int | None = None) -> dict[str, Tensor]:
+        """Mesh renders of ``B`` latents (SDF grid → Marching Cubes 33 → STF colours → PyTorch3D, dataset lighting):
+        ``rgb`` ``[B, N, H, W, 3]`` sRGB on black, ``alpha`` ``[B, N, H, W]``, ``mesh_mask`` ``[B]`` (False: empty),
+        and the meshes. Differentiable from the image to the latent."""
+        return stf.render_latents(self, latent, cameras, grid_size=grid_size or self.stf_grid_size)
+
+    def to_mesh(self, latent: Tensor, grid_size: int = 128):
+        """Latent ``[1024, 1024]`` (or ``[1, ...]``) → ``trimesh.Trimesh`` with sRGB vertex colours; a batch
+        ``[B, ...]`` with B > 1 gives a list. Export with :func:`shapee.io.mesh.export_mesh` (.glb/.ply/.obj)."""
+        meshes = stf.latent_to_mesh(self, latent, grid_size=grid_size)
+        return meshes[0] if latent.ndim == 2 or latent.shape[0] == 1 else meshes
+
     # -------------------------------------------------------------------------------------------- losses
     def loss_dict(self, batch: Mapping[str, Tensor], stage: str | None = None) -> dict[str, Tensor]:
         """Named losses of one training stage (default ``self.stage``), weighted and summed by the training loop."""
         stage = self.stage if stage is None else stage
         if stage not in STAGES:
             raise ValueError(f"unknown encoder stage {stage!r}; expected one of {STAGES}")
-        if stage != "nerf":
-            raise NotImplementedError(
-                f"stage {stage!r} needs the STF decoder (differentiable marching cubes + mesh rendering), which is "
-                "not implemented yet; only stage 'nerf' can be trained for now"
-            )
         latent = self.encode(batch)
         params = self.decode_params(latent)
+        losses = self.nerf_losses(batch, params)
+        if stage == "distill":
+            losses.update(self.distill_losses(batch, params))
+        elif stage == "finetune":
+            losses.update(self.stf_losses(batch, latent))
+        return losses
+
+    def stf_losses(self, batch: Mapping[str, Tensor], latent: Tensor) -> dict[str, Tensor]:
+        """``stf_rgba``: L2 between mesh renders and RGBA target views (training views only, optional subset/resize)."""
+        rgb, alpha = batch["target_rgb"], batch["target_alpha"]  # [B, T, H, W, 3], [B, T, H, W]
+        B, T, H, W = alpha.shape
+        usable = T - self.holdout_views
+        views = torch.arange(usable, device=alpha.device)
+        if self.stf_views is not None and self.stf_views < usable:
+            views = torch.randperm(usable, device=alpha.device)[: self.stf_views].sort().values
+        cameras = [c[views.cpu()] for c in batch_cameras(batch, "target")]  # per asset, the chosen views
+        rgb, alpha = rgb[:, views], alpha[:, views]  # [B, n, H, W, ...]
+        if self.stf_resolution is not None and self.stf_resolution != H:
+            size = self.stf_resolution
+            cameras = [c.resized(size) for c in cameras]
+            rgb = _area_resize(rgb.flatten(0, 1).permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).unflatten(0, (B, -1))
+            alpha = _area_resize(alpha.flatten(0, 1)[:, None], size)[:, 0].unflatten(0, (B, -1))
+        out = self.render_stf(latent, [c.to(latent.device) for c in cameras])
+        return stf_finetune_loss(rgba(out["rgb"], out["alpha"]), rgb, alpha)
+
+    def nerf_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """L1 RGB and L1 transmittance (vs 1 − alpha) of both passes on random target rays, + a PSNR metric."""
         origins, directions, target_rgb, target_alpha = self.sample_target_rays(batch)
         out = nerf_renderer.render_rays(
             self.field(params), origins, directions, n_coarse=self.n_coarse, n_fine=self.n_fine, chunk_size=None
@@ -134,6 +199,20 @@ class Transmitter(TransmitterModules):
             mse = (out["rgb"].clamp(0, 1) - target_rgb).square().mean()
             losses["metric/ray_psnr"] = -10.0 * torch.log10(mse.clamp_min(1e-10))
         return losses
+
+    def distill_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``distill_sdf`` (vs the teacher's SDF, tanh'd) and ``distill_rgb`` (vs the nearest cloud colour)."""
+        points, sdf = teacher_sdf(batch, self.teacher, self.pointe_teacher(), n_points=self.distill_points)
+        nn_rgb = nearest_cloud_colour(batch["points"][..., :3], batch["points"][..., 3:6], points)  # [B, P, 3]
+        return distill_loss(self.query(params, points), sdf, nn_rgb)
+
+    def pointe_teacher(self):
+        """The frozen Point-E SDF teacher (``teacher=pointe``), loaded on first use; ``None`` for ``teacher=mesh``."""
+        if self.teacher != "pointe":
+            return None
+        if not self._teacher_model:
+            self._teacher_model.append(load_sdf_teacher(self.teacher_checkpoint).to(self.void_background.device))
+        return self._teacher_model[0]
 
     def sample_target_rays(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None):
         """``rays_per_asset`` uniformly random pixels of each asset's (non-held-out) target views.
@@ -160,6 +239,11 @@ class Transmitter(TransmitterModules):
         )
 
 
+def _area_resize(images: Tensor, size: int) -> Tensor:
+    """``[N, C, H, W]`` → ``[N, C, size, size]`` by area averaging (targets for lower-resolution renders)."""
+    return torch.nn.functional.interpolate(images.float(), size=(size, size), mode="area")
+
+
 def _batch_cameras(matrices: Tensor, fov: Tensor, width: int, height: int) -> Cameras:
     """``[B, T, 4, 3]`` camera matrices of a batch (one field of view) → one :class:`Cameras` of B·T views."""
     fov = torch.as_tensor(fov).flatten()
@@ -177,3 +261,16 @@ def batch_cameras(batch: Mapping[str, Tensor], prefix: str = "target") -> list[C
     return [
         Cameras.from_matrix(matrices[b].float(), W, H, float(fov[min(b, fov.numel() - 1)])) for b in range(matrices.shape[0])
     ]
+
+
+def load_sdf_teacher(path: str):
+    """A Point-E SDF teacher from our snapshot (``scripts/train_pointe_sdf.py``) or the official ``sdf.pt`` layout."""
+    from shapee.io import load as load_snapshot_model
+    from shapee.io.checkpoint import CheckpointError
+    from shapee.io.official_pointe import load_official_pointe_sdf
+
+    try:
+        model = load_snapshot_model(path)
+    except CheckpointError:
+        model = load_official_pointe_sdf(path)
+    return model.eval().requires_grad_(False)

@@ -124,9 +124,10 @@ class IntervalMeter:
 
     def _reset(self) -> None:
         self.t0 = time.perf_counter()
-        self.loss_sums: dict[str, Tensor] = {}  # summed over micro-batches of applied steps
+        self.loss_sums: dict[str, Tensor] = {}  # summed over the micro-batches of applied steps that reported them
+        self.loss_counts: dict[str, int] = {}  # how many micro-batches reported each key (some are occasional)
         self.step_sums: dict[str, float] = {}  # summed over applied steps
-        self.n_micro = self.n_applied = self.n_attempted = 0
+        self.n_applied = self.n_attempted = 0
         self._this_step: list[dict[str, Tensor]] = []
 
     def add_micro(self, terms: Mapping[str, Tensor], total: Tensor) -> None:
@@ -142,7 +143,7 @@ class IntervalMeter:
             for named in self._this_step:
                 for key, value in named.items():
                     self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
-            self.n_micro += len(self._this_step)
+                    self.loss_counts[key] = self.loss_counts.get(key, 0) + 1
             for key, value in step_values.items():
                 self.step_sums[key] = self.step_sums.get(key, 0.0) + float(value)
             self.n_applied += 1
@@ -154,7 +155,8 @@ class IntervalMeter:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         out = {k: float(v) for k, v in current.items()}
         out["samples_per_s"] = self.n_attempted * global_batch / elapsed
-        out.update({k: float(v) / self.n_micro for k, v in self.loss_sums.items()})
+        # Each key is averaged over the micro-batches that reported it (e.g. a timestep quartile absent from a batch).
+        out.update({k: float(v) / self.loss_counts[k] for k, v in self.loss_sums.items()})
         out.update({k: v / self.n_applied for k, v in self.step_sums.items()})
         self._reset()
         return out

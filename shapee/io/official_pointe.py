@@ -1,0 +1,100 @@
+"""Point-E's released SDF regressor ``sdf.pt`` (reference §9) ↔ :class:`shapee.models.pointe_sdf.PointESDF`.
+
+Our module uses the official names throughout (``encoder_input_proj``, ``encoder.resblocks.{0..7}``,
+``decoder_input_proj``, ``decoder.resblocks.{0..3}``, ``ln_post``, ``output_proj``), so the official state dict
+*is* our state dict: no key mapping. The expected key/shape list is derived from our module built on the meta
+device (no memory), and loading is strict: exact keys and shapes, with an error that lists every missing,
+unexpected and mismatched key. Files are read with ``torch.load(weights_only=True)`` (or safetensors), never
+unpickling code; :func:`save_official_pointe_sdf` writes the same layout back, so a loaded file round-trips exactly.
+
+Importing this module registers the loader as ``shapee.io.load_official("pointe_sdf", path)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from shapee.io.official import OFFICIAL_LOADERS, OfficialCheckpointError, check_state_dict
+from shapee.models.pointe_sdf import PointESDF
+
+
+def official_pointe_sdf_keys(**model_kwargs) -> dict[str, tuple[int, ...]]:
+    """``{official key: shape}`` of Point-E's SDF model at the released sizes (or resized by ``model_kwargs``).
+
+    Built on the meta device; at the defaults: 168 tensors, 9,481,985 parameters.
+    """
+    with torch.device("meta"):
+        model = PointESDF(**model_kwargs)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A plain tensor dict from a ``.pt`` (``weights_only=True``) or ``.safetensors`` file; clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Point-E SDF checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a pickle with code, ...
+        raise OfficialCheckpointError(f"{path}: cannot be read as a weights-only state dict ({type(e).__name__}: {e})") from e
+    if not isinstance(sd, Mapping):
+        raise OfficialCheckpointError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+    return dict(sd)
+
+
+def pointe_sdf_from_state_dict(
+    state_dict: Mapping[str, Tensor],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    **model_kwargs,
+) -> PointESDF:
+    """Build :class:`PointESDF` and load an official-layout state dict strictly (in eval mode).
+
+    The model is built on the meta device and adopts the tensors (``assign=True``: no random init, no second
+    copy), cast to ``dtype`` (``None`` keeps the file's) and moved to ``device``. ``model_kwargs`` resize the model
+    (tests use tiny sizes) or set its training options (``n_query``, ``loss``).
+    """
+    with torch.device("meta"):
+        model = PointESDF(**model_kwargs)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict(expected, state_dict, name="Point-E sdf")
+    tensors = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise OfficialCheckpointError(f"{key} is a {type(value).__name__}, not a tensor")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.to(device) if device is not None else value
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
+
+
+def load_official_pointe_sdf(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], **kwargs
+) -> PointESDF:
+    """Load Point-E's released ``sdf.pt`` (a path or an already loaded state dict); see :func:`pointe_sdf_from_state_dict`."""
+    sd = path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_state_dict_file(path_or_state_dict)
+    return pointe_sdf_from_state_dict(sd, **kwargs)
+
+
+def save_official_pointe_sdf(model: PointESDF, path: str | os.PathLike) -> None:
+    """Write ``model`` in the official ``sdf.pt`` layout (``torch.save`` of a plain CPU tensor dict), atomically."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(sd, tmp)
+    os.replace(tmp, path)
+
+
+OFFICIAL_LOADERS.setdefault("pointe_sdf", pointe_sdf_from_state_dict)
