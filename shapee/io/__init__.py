@@ -56,3 +56,5 @@ __all__ = [
     "save_checkpoint",
     "save_snapshot",
 ]
+
+from shapee.io import official_priors  # noqa: E402,F401  registers text300M / image300M in OFFICIAL_LOADERS

@@ -2,5 +2,6 @@
 
 from shapee.models.denoiser import LatentDenoiser
 from shapee.models.transmitter import Transmitter
+from shapee.models.latent_diffusion import LatentDiffusion
 
-__all__ = ["LatentDenoiser", "Transmitter"]
+__all__ = ["LatentDenoiser", "LatentDiffusion", "Transmitter"]

@@ -1,0 +1,155 @@
+"""Loading and exporting the released latent priors ``text300M`` / ``image300M`` (reference §5.1, §7.2).
+
+The released ``text_cond.pt`` / ``image_cond.pt`` hold exactly the keys of ``reference/{text,image}_cond_state_dict.tsv``
+(303 / 305 keys, module tree ``wrapped.*``). :class:`~shapee.models.LatentDiffusion` keeps the denoiser under
+``denoiser.`` with the official names inside it, so the mapping is one prefix: ``wrapped.`` ↔ ``denoiser.``.
+
+The head count is not visible in the weights (``c_qkv`` is ``[3·W, W]`` for any head count), so it comes from the
+model name: 16 heads for ``text300M`` and 8 for ``image300M`` (the verified config; §8.3.11: the diffusers
+conversion assumes 16 for both, which would silently give wrong outputs for the image prior).
+
+Loading is strict (exact keys and shapes, every offending key listed), never unpickles code, and adopts the file's
+tensors (``assign=True`` on a meta-device model: no random init and no second copy of the ~1.26 GB of weights).
+:func:`save_official_prior` writes the official layout back, so a loaded file round-trips bit for bit.
+
+These loaders are registered in :data:`shapee.io.official.OFFICIAL_LOADERS` by ``shapee/io/__init__.py``, so
+``shapee.io.load_official("text300M", "text_cond.pt")`` works.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from shapee.io.official import OFFICIAL_LOADERS, OfficialCheckpointError, check_state_dict
+
+if TYPE_CHECKING:
+    from shapee.models.latent_diffusion import LatentDiffusion
+
+OFFICIAL_PREFIX = "wrapped."
+OUR_PREFIX = "denoiser."
+PRIOR_COND_MODE = {"text300M": "text", "image300M": "image"}
+
+
+def _cond_mode(name: str) -> str:
+    if name not in PRIOR_COND_MODE:
+        raise ValueError(f"unknown official prior {name!r}; expected one of {sorted(PRIOR_COND_MODE)}")
+    return PRIOR_COND_MODE[name]
+
+
+def _to_official_key(key: str) -> str:
+    if not key.startswith(OUR_PREFIX):
+        raise KeyError(f"no official name for prior key {key!r} (expected the prefix {OUR_PREFIX!r})")
+    return OFFICIAL_PREFIX + key[len(OUR_PREFIX) :]
+
+
+def _from_official_key(key: str) -> str:
+    return OUR_PREFIX + key[len(OFFICIAL_PREFIX) :]
+
+
+def to_official_prior_state_dict(model: "LatentDiffusion") -> dict[str, Tensor]:
+    """The prior's weights under the official keys (tensors shared, not copied)."""
+    return {_to_official_key(k): v for k, v in model.state_dict().items()}
+
+
+def _build(name: str, **model_kwargs) -> "LatentDiffusion":
+    from shapee.models.latent_diffusion import LatentDiffusion
+
+    kwargs = dict(model_kwargs)
+    mode = kwargs.pop("cond_mode", _cond_mode(name))
+    if mode != _cond_mode(name):
+        raise ValueError(f"{name} is a {_cond_mode(name)}-conditional prior, got cond_mode={mode!r}")
+    return LatentDiffusion(cond_mode=mode, **kwargs)
+
+
+def official_prior_keys(name: str, **model_kwargs) -> dict[str, tuple[int, ...]]:
+    """``{official key: shape}`` of ``text300M`` / ``image300M``, derived from our module on the meta device.
+
+    ``model_kwargs`` (``denoiser={...}`` size overrides) give the layout of a resized prior. Equals
+    ``reference/{text,image}_cond_state_dict.tsv`` at the defaults (tested).
+    """
+    with torch.device("meta"):
+        model = _build(name, **model_kwargs)
+    return {k: tuple(v.shape) for k, v in to_official_prior_state_dict(model).items()}
+
+
+def prior_from_state_dict(
+    state_dict: Mapping[str, Tensor],
+    *,
+    name: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    **model_kwargs: Any,
+) -> "LatentDiffusion":
+    """Build :class:`~shapee.models.LatentDiffusion` for ``name`` and load an official-layout state dict strictly.
+
+    Args:
+        state_dict: ``wrapped.*`` tensors (what ``text_cond.pt`` / ``image_cond.pt`` hold).
+        name: ``"text300M"`` or ``"image300M"`` (decides the conditioning and the head count).
+        device: where the weights go (default: where the tensors are). ``dtype``: cast floating tensors (``None``
+            keeps the file's; the only copy made is this cast/move, if any).
+        model_kwargs: further :class:`LatentDiffusion` kwargs: ``denoiser`` size overrides (tests use tiny sizes),
+            ``clip``, ``guidance_scale``, ``diffusion``, ``precision``.
+
+    Raises:
+        OfficialCheckpointError: keys or shapes differ from the layout (every offending key listed), or a value is
+            not a tensor.
+    """
+    with torch.device("meta"):
+        model = _build(name, **model_kwargs)
+    expected = {_to_official_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict(expected, state_dict, name=name)
+    ours = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise OfficialCheckpointError(f"{name}: {key} is a {type(value).__name__}, not a tensor")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        ours[_from_official_key(key)] = value.to(device) if device is not None else value
+    model.load_state_dict(ours, strict=True, assign=True)
+    return model.eval()
+
+
+def save_official_prior(model: "LatentDiffusion", path: str | os.PathLike) -> Path:
+    """Write ``model``'s denoiser in the official ``wrapped.*`` layout, atomically (``.safetensors`` by suffix,
+    else ``torch.save`` of a plain tensor dict, loadable with ``weights_only=True``)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in to_official_prior_state_dict(model).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp))
+    else:
+        torch.save(sd, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_official_prior(name: str, path_or_state_dict, **kwargs) -> "LatentDiffusion":
+    """``shapee.io.load_official(name, path_or_state_dict, **kwargs)`` for the priors (a path to a ``.pt`` /
+    ``.safetensors`` file or a state dict); see :func:`prior_from_state_dict` for ``kwargs``."""
+    from shapee.io.official import load_official
+
+    _cond_mode(name)
+    return load_official(name, path_or_state_dict, **kwargs)
+
+
+for _name in PRIOR_COND_MODE:
+    OFFICIAL_LOADERS[_name] = partial(prior_from_state_dict, name=_name)
+
+__all__ = [
+    "PRIOR_COND_MODE",
+    "load_official_prior",
+    "official_prior_keys",
+    "prior_from_state_dict",
+    "save_official_prior",
+    "to_official_prior_state_dict",
+]

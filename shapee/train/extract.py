@@ -1,0 +1,219 @@
+"""Latent extraction (``scripts/extract_latents.py``): prepared records → one latent record per asset.
+
+The trained (or released) encoder runs in eval mode (the latent bottleneck is a plain ``tanh``, no diffusion noise;
+reference §1.5) over batches of records, under bf16 autocast on capable GPUs and fp32 on CPU. The work is sharded
+by asset across the processes of a ``torchrun`` launch (rank ``r`` of ``n`` takes every ``n``-th asset of the sorted
+list from the ``r``-th; no process group is needed) and resumes from what is on disk: assets listed in any
+``manifest*.jsonl`` of the output folder are skipped, whatever world size wrote them (unless their record lacks the
+conditioning this run stores: a ``cond=image`` run redoes text-only records).
+
+Note: the released point-conv shuffles neighbours randomly even in eval mode (reference §8.3.1), so encoding is
+stochastic; ``seed`` fixes it per run (the same batches give the same latents).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from shapee.data.latents import read_latent_manifests, write_latent_record
+
+ENCODER_FORMATS = ("auto", "shapee", "official")
+
+
+class EncoderLoadError(ValueError):
+    """The ``encoder=`` file is missing, unreadable, or is not a transmitter of the expected format."""
+
+
+def load_transmitter(
+    path: str | os.PathLike,
+    *,
+    encoder_format: str = "auto",
+    official: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+):
+    """A :class:`~shapee.models.Transmitter` (eval mode) from one of our snapshots / full checkpoints (its EMA
+    weights) or from a released-layout ``transmitter.pt`` / ``.safetensors``.
+
+    Args:
+        encoder_format: ``auto`` (detected from the file), ``shapee`` or ``official`` (then the file must be that).
+        official: size overrides for an official-layout file: ``encoder_kwargs``, ``mlp_kwargs``,
+            ``params_proj_kwargs`` (released sizes by default; tests use tiny ones).
+
+    Raises:
+        EncoderLoadError: naming the file: missing, unreadable, wrong format, not a transmitter, or weights that do
+            not fit (every mismatched key listed for official files).
+    """
+    from hydra.utils import instantiate
+
+    from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
+    from shapee.io.official import OfficialCheckpointError, transmitter_modules_from_state_dict
+    from shapee.models.transmitter import Transmitter
+
+    if encoder_format not in ENCODER_FORMATS:
+        raise ValueError(f"encoder_format must be one of {ENCODER_FORMATS}, got {encoder_format!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} does not exist (or is not a file)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated file, pickled objects refused by weights_only, not a torch file
+        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} cannot be read: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, Mapping):
+        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+
+    kind = obj.get("format")
+    is_ours = kind in (SNAPSHOT_FORMAT, CHECKPOINT_FORMAT)
+    if encoder_format == "shapee" and not is_ours:
+        raise EncoderLoadError(f"encoder={str(path)!r} is not a shapee snapshot/checkpoint (encoder_format=shapee)")
+    if encoder_format == "official" and is_ours:
+        raise EncoderLoadError(f"encoder={str(path)!r} is a shapee {kind!r} file, not an official state dict")
+
+    if is_ours:
+        if kind == SNAPSHOT_FORMAT:
+            config, weights = obj.get("model_config"), obj.get("weights")
+        else:
+            config, weights = (obj.get("config") or {}).get("model"), obj.get("ema")
+        target = (config or {}).get("_target_", "")
+        if target.rsplit(".", 1)[-1] != "Transmitter":
+            raise EncoderLoadError(
+                f"encoder={str(path)!r} holds a model with _target_={target or None!r}, not a shapee.models.Transmitter "
+                "(give the encoder's snapshot, e.g. runs/encoder_nerf/checkpoints/snapshot.pt)"
+            )
+        model = instantiate(dict(config), _convert_="all")
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise EncoderLoadError(f"encoder={str(path)!r}: weights do not match its own model config: {e}") from e
+    else:
+        official = dict(official or {})
+        try:
+            modules = transmitter_modules_from_state_dict(obj, **official)
+        except OfficialCheckpointError as e:
+            raise EncoderLoadError(f"encoder={str(path)!r} is not an official transmitter state dict: {e}") from e
+        with torch.device("meta"):
+            model = Transmitter(
+                encoder=official.get("encoder_kwargs"),
+                mlp=official.get("mlp_kwargs"),
+                params_proj=official.get("params_proj_kwargs"),
+            )
+        model.load_state_dict(modules.state_dict(), strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def _device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Encode every prepared record of ``cfg.records`` not yet in ``cfg.out`` (this rank's share); returns a summary.
+
+    Config keys (``configs/extract_latents.yaml``): ``records``, ``encoder``, ``encoder_format``, ``official``,
+    ``out``, ``batch_size``, ``cond.mode`` (``text``: latents + captions; ``image``: + ``image_cond``: the encoder view
+    ``cond_view`` as uint8 (``view``) or its CLIP grid (``grid``, with ``clip``)), ``latent_dtype``, ``num_workers``,
+    ``seed``, ``device``, ``precision``, ``progress``.
+    """
+    from tqdm import tqdm
+
+    from shapee.data.dataset import AssetDataset, collate_assets
+    from shapee.data.records import read_manifests
+    from shapee.train.loop import resolve_precision
+
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    cond = cfg.cond.mode  # the cond group (configs/cond/{text,image}.yaml)
+    if cond not in ("text", "image"):
+        raise ValueError(f"cond must be text|image, got {cond!r}")
+    if cond == "image" and cfg.image_cond not in ("view", "grid"):
+        raise ValueError(f"image_cond must be view|grid, got {cfg.image_cond!r}")
+    if int(cfg.batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    records = Path(cfg.records)
+    if not records.is_dir():
+        raise FileNotFoundError(f"records={str(records)!r}: no such folder (prepare it with scripts/prepare_data.py)")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = _device(cfg.device)
+    t0 = time.perf_counter()
+
+    all_ids = sorted(read_manifests(records))
+    if not all_ids:
+        raise ValueError(f"records={str(records)!r}: no records listed in its manifest*.jsonl")
+    mine = all_ids[rank::world]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Done = on disk with what this run would store (a text-only record is redone by a cond=image run).
+    needs = {"text": set(), "image": {"clip_grid" if cfg.image_cond == "grid" else "cond_image"}}[cond]
+    done = {k for k, e in read_latent_manifests(out).items() if needs <= set(e.get("has", []))}
+    todo = [i for i in mine if i not in done]
+    summary = {"total": len(all_ids), "assigned": len(mine), "skipped_done": len(mine) - len(todo), "extracted": 0,
+               "rank": rank, "world_size": world}
+    if not todo:
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        return summary
+
+    official = OmegaConf.to_container(cfg.official, resolve=True) if cfg.get("official") else None
+    model = load_transmitter(cfg.encoder, encoder_format=cfg.encoder_format, official=official, device=device)
+    encoder = model.encoder
+    if cond == "image" and not 0 <= int(cfg.cond_view) < encoder.n_views:
+        raise ValueError(f"cond_view={cfg.cond_view} is not one of the encoder's {encoder.n_views} views")
+    clip = None
+    if cond == "image" and cfg.image_cond == "grid":
+        from shapee.models.latent_diffusion import build_frozen_clip
+
+        # Seeded as LatentDiffusion builds its CLIP, so that random-weight CLIPs (tests) agree with the prior's.
+        clip = build_frozen_clip(OmegaConf.to_container(cfg.clip, resolve=True), seed=0, device=device)
+
+    dataset = AssetDataset(
+        records, load_targets=False, load_sdf=False, n_points=encoder.n_points, n_views=encoder.n_views, asset_ids=todo
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=int(cfg.batch_size), shuffle=False, num_workers=int(cfg.num_workers),
+        collate_fn=collate_assets, pin_memory=device.type == "cuda",
+    )
+    amp_dtype = resolve_precision(cfg.precision, device)
+    generator = torch.Generator(device).manual_seed(int(cfg.seed) * world + rank)
+    progress = tqdm(total=len(todo), desc="extract", disable=not (cfg.progress and rank == 0))
+    shard = (rank, world) if world > 1 else None
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                latent = encoder(batch, generator=generator)  # [B, n_ctx, d_latent] in (−1, 1)
+            latent = latent.float()
+            grids = views = None
+            if cond == "image":
+                views = batch["views"][:, int(cfg.cond_view)]  # [B, H, W, 3] in [0, 1]
+                if clip is not None:
+                    grids = clip.embed_image_grid(views)  # [B, 256, 1024]
+            for b, asset_id in enumerate(batch["asset_id"]):
+                write_latent_record(
+                    out,
+                    asset_id=asset_id,
+                    latent=latent[b],
+                    captions=batch["captions"][b],
+                    clip_grid=None if grids is None else grids[b],
+                    cond_image=None if views is None or grids is not None else views[b],
+                    latent_dtype=cfg.latent_dtype,
+                    encoder=str(cfg.encoder),
+                    shard=shard,
+                )
+            summary["extracted"] += len(batch["asset_id"])
+            progress.update(len(batch["asset_id"]))
+    progress.close()
+    seconds = time.perf_counter() - t0
+    summary.update(seconds=round(seconds, 3), latents_per_s=round(summary["extracted"] / max(seconds, 1e-9), 3))
+    return summary
