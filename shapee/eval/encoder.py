@@ -1,0 +1,327 @@
+"""Encoder evaluation (``scripts/evaluate.py task=encoder``): the paper's Table 1 for our checkpoints.
+
+For each transmitter checkpoint (one row per stage: nerf, distill, finetune, or a released ``transmitter.pt``) and
+each held-out asset of a records folder:
+
+1. **Encode** the asset's encoder views and point cloud (the point-conv shuffle is random even in eval mode,
+   reference §8.3.1: a generator seeded with ``seed`` fixes it, so reruns give identical numbers).
+2. **NeRF PSNR**: render the record's target views with the record's fixed cameras, deterministic stratified and
+   importance sampling (§8.3.2 made deterministic), black background, sRGB in [0, 1]; PSNR against the target views
+   (sRGB on black, as prepared), over all pixels of the asset's evaluated views, capped at ``psnr_cap`` dB.
+3. **STF PSNR**: the same views rendered from the mesh: SDF grid (``grid_size``³) → Marching Cubes 33 → STF
+   vertex colours → PyTorch3D with the dataset lighting (the finetune stage's renderer).
+4. **Chamfer / F-score** of that same mesh against the *source* mesh (the file named in the manifest, or the toy
+   world regenerated from its id and checked against the record's content hash): ``n_points`` area-uniform surface
+   samples on each, both in the normalised world frame [-1, 1]³; Chamfer-L1 in world units, F-score at
+   ``fscore_threshold`` world units (see :mod:`shapee.eval.metrics`). An empty mesh gets no Chamfer (counted in
+   ``n_empty_meshes``) and F-score 0.
+
+Per-checkpoint numbers are means over assets of per-asset values. Output: a JSON dict (settings, one row per
+checkpoint with per-asset values) and a markdown table, plus one image grid per checkpoint (target | NeRF | STF).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shapee.eval.metrics import DEFAULT_FSCORE_THRESHOLD, point_set_metrics, psnr_per_item, sample_mesh_points
+from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
+
+ENCODER_DEFAULTS: dict[str, Any] = dict(
+    holdout=None,  # null: every asset of data.root is held out (a separate test folder); int: AssetDataset.split
+    split_seed=0,  # seed of AssetDataset.split
+    max_assets=None,  # evaluate at most this many (the first by asset id)
+    views="all",  # all: every target view of the record | holdout: the last model.holdout_views target views
+    resolution=None,  # null: the records' resolution; else render smaller, targets area-averaged to it
+    grid_size=128,  # SDF grid of the mesh (128³ as released)
+    n_points=16384,  # surface samples per mesh for Chamfer / F-score
+    fscore_threshold=DEFAULT_FSCORE_THRESHOLD,  # world units
+    psnr_cap=100.0,  # dB; identical images would be +inf
+    batch_size=1,  # assets per encoder / render call
+    toy_seed=0,  # world seed of toy records (source "toy:<id>"), verified against the content hash
+    grid_assets=4,  # assets in each image grid
+    grid_views=4,  # views per asset in each image grid
+    seed=0,
+    device="auto",
+    labels=None,  # row names, one per checkpoint (default: the checkpoint's stage and file name)
+)
+
+
+# -------------------------------------------------------------------------------------------- ground truth
+class SourceMeshes:
+    """The source meshes of records, loaded once: files via :func:`shapee.data.mesh.load_mesh` (normalised exactly
+    as data preparation does), toy assets regenerated with ``toy_assets(seed=toy_seed)`` and checked against the
+    record's ``content_hash`` so a wrong seed is an error, not a silently wrong Chamfer distance."""
+
+    def __init__(self, toy_seed: int = 0) -> None:
+        self.toy_seed = toy_seed
+        self._cache: dict[str, Any] = {}
+
+    def get(self, record) -> Any:
+        if record.asset_id not in self._cache:
+            self._cache[record.asset_id] = self._load(record)
+        return self._cache[record.asset_id]
+
+    def _load(self, record):
+        from shapee.data.records import arrays_sha256
+
+        source = record.source
+        if source.startswith("toy:"):
+            from shapee.data.toy import toy_assets
+
+            toy_id = source.removeprefix("toy:")
+            try:
+                index = int(toy_id.split("_")[1])
+            except (IndexError, ValueError):
+                raise ValueError(
+                    f"record {record.asset_id!r}: toy source {source!r} has no index (expected toy:toy_<i>_...)"
+                ) from None
+            asset = toy_assets(index + 1, seed=self.toy_seed)[index]
+            mesh = asset.mesh
+            digest = arrays_sha256(mesh.vertices, mesh.faces, mesh.corner_colors)
+            if asset.asset_id != toy_id or digest != record.content_hash:
+                raise ValueError(
+                    f"record {record.asset_id!r}: the toy world of seed toy_seed={self.toy_seed} does not reproduce "
+                    "its source mesh (content hash differs): give the data.seed the records were prepared with as "
+                    "toy_seed="
+                )
+            return mesh
+        from shapee.data.mesh import load_mesh
+
+        if not Path(source).is_file():
+            raise FileNotFoundError(
+                f"record {record.asset_id!r}: source mesh {source!r} (from the manifest) does not exist on this "
+                "machine; Chamfer/F-score need the source meshes"
+            )
+        return load_mesh(source)
+
+
+def source_points(mesh, n: int, seed: int, device: torch.device) -> Tensor:
+    """``n`` area-uniform surface samples ``[n, 3]`` of a :class:`shapee.data.mesh.Mesh` (seeded numpy RNG)."""
+    points, _ = mesh.sample_surface(n, np.random.default_rng(seed))
+    return torch.from_numpy(points).to(device)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _area_resize(images: Tensor, size: int) -> Tensor:
+    """``[..., H, W, C]`` → ``[..., size, size, C]`` by area averaging."""
+    lead = images.shape[:-3]
+    x = images.reshape(-1, *images.shape[-3:]).permute(0, 3, 1, 2)  # [n, C, H, W]
+    x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="area")
+    return x.permute(0, 2, 3, 1).reshape(*lead, size, size, images.shape[-1])
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+@torch.no_grad()
+def evaluate_checkpoint(
+    model,
+    dataset,
+    *,
+    views: str = "all",
+    resolution: int | None = None,
+    grid_size: int = 128,
+    n_points: int = 16384,
+    fscore_threshold: float = DEFAULT_FSCORE_THRESHOLD,
+    psnr_cap: float | None = 100.0,
+    batch_size: int = 1,
+    seed: int = 0,
+    sources: SourceMeshes | None = None,
+    grid_assets: int = 4,
+    grid_views: int = 4,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Metrics of one :class:`~shapee.models.Transmitter` on every asset of ``dataset`` (an ``AssetDataset`` with
+    targets). Returns ``(row, grid)``: the row's means and per-asset values, and a uint8 image grid
+    ``[A·3·H, V·W, 3]`` (per asset: target, NeRF, STF rows)."""
+    from shapee.data.dataset import collate_assets
+    from shapee.models.transmitter import batch_cameras
+
+    if views not in ("all", "holdout"):
+        raise ValueError(f"views must be 'all' or 'holdout', got {views!r}")
+    if views == "holdout" and model.holdout_views < 1:
+        raise ValueError("views='holdout' but the model holds out no target views (model.holdout_views = 0)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sources = sources or SourceMeshes()
+    device = next(model.parameters()).device
+    per_asset: list[dict[str, Any]] = []
+    grid_rows: list[Tensor] = []
+    generator = torch.Generator(device).manual_seed(seed)  # the encoder's point-conv shuffle
+    start = time.perf_counter()
+    for first in range(0, len(dataset), batch_size):
+        indices = list(range(first, min(first + batch_size, len(dataset))))
+        batch = collate_assets([dataset[i] for i in indices])
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        target = batch["target_rgb"]  # [B, T, H, W, 3] sRGB on black
+        T, H = target.shape[1], target.shape[2]
+        keep = slice(0, T) if views == "all" else slice(T - model.holdout_views, T)
+        cameras = [c[keep] for c in batch_cameras(batch, "target")]
+        target = target[:, keep]  # [B, n, H, W, 3]
+        if resolution is not None and resolution != H:
+            if resolution > H:
+                raise ValueError(f"resolution={resolution} is above the records' target resolution {H}")
+            cameras = [c.resized(resolution) for c in cameras]
+            target = _area_resize(target, resolution)
+        cameras = [c.to(device) for c in cameras]
+
+        latent = model.encode(batch, generator=generator)  # [B, n_ctx, d]
+        nerf = model.render_nerf(latent, cameras, deterministic=True)["rgb"].clamp(0, 1)  # [B, n, R, R, 3]
+        stf_out = model.render_stf(latent, cameras, grid_size=grid_size)
+        stf = stf_out["rgb"].clamp(0, 1)  # [B, n, R, R, 3]
+        nerf_psnr = psnr_per_item(nerf, target, cap=psnr_cap)  # [B]
+        stf_psnr = psnr_per_item(stf, target, cap=psnr_cap)  # [B]
+
+        for b, index in enumerate(indices):
+            record = dataset.records[index]
+            verts, faces = stf_out["verts"][b], stf_out["faces"][b]  # [V, 3], [F, 3] world frame
+            asset = {"asset_id": record.asset_id, "nerf_psnr": float(nerf_psnr[b]), "stf_psnr": float(stf_psnr[b])}
+            if faces.shape[0] == 0:
+                asset.update(chamfer=math.nan, f_score=0.0, precision=0.0, recall=0.0, empty_mesh=True)
+            else:
+                reference = source_points(sources.get(record), n_points, seed + index, device)  # [n, 3]
+                g = torch.Generator().manual_seed(seed + index)
+                predicted = sample_mesh_points(verts, faces, n_points, generator=g)  # [n, 3]
+                asset.update(point_set_metrics(predicted, reference, fscore_threshold), empty_mesh=False)
+            per_asset.append(asset)
+            if len(grid_rows) < 3 * grid_assets:
+                v = slice(0, grid_views)
+                for images in (target[b, v], nerf[b, v], stf[b, v]):  # [v, R, R, 3] each
+                    grid_rows.append(torch.cat(list(images), dim=1))  # [R, v·R, 3]
+    seconds = time.perf_counter() - start
+    row = {
+        "nerf_psnr": _mean([a["nerf_psnr"] for a in per_asset]),
+        "stf_psnr": _mean([a["stf_psnr"] for a in per_asset]),
+        "chamfer": _mean([a["chamfer"] for a in per_asset]),
+        "f_score": _mean([a["f_score"] for a in per_asset]),
+        "n_assets": len(per_asset),
+        "n_empty_meshes": sum(a["empty_mesh"] for a in per_asset),
+        "seconds_per_asset": seconds / max(len(per_asset), 1),
+        "assets": per_asset,
+    }
+    grid = None
+    if grid_rows:
+        grid = (torch.cat(grid_rows, dim=0).cpu().numpy() * 255).round().astype(np.uint8)  # [rows·R, v·R, 3]
+    return row, grid
+
+
+def _default_label(path: str, model) -> str:
+    """``<stage> (<file>)`` for our snapshots/checkpoints (the stage the run trained), ``released (<file>)`` else."""
+    from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
+
+    ours = False
+    if not str(path).endswith(".safetensors"):
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the weights are not read
+        ours = isinstance(obj, Mapping) and obj.get("format") in (SNAPSHOT_FORMAT, CHECKPOINT_FORMAT)
+    return f"{model.stage if ours else 'released'} ({Path(path).name})"
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    """A table cell: ``n/a`` for NaN (e.g. Chamfer when every mesh was empty)."""
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _checkpoints(ckpt) -> list[str]:
+    if ckpt is None or ckpt == "???":
+        raise ValueError("ckpt=<transmitter snapshot or checkpoint> is required (a list gives one row per checkpoint)")
+    paths = [str(ckpt)] if isinstance(ckpt, (str, Path)) else [str(c) for c in ckpt]
+    if not paths:
+        raise ValueError("ckpt is an empty list")
+    return paths
+
+
+def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Table 1 for the checkpoints ``cfg["ckpt"]`` (one path or a list) on the records ``cfg["data"]["root"]``.
+
+    Other keys: :data:`ENCODER_DEFAULTS` (documented in ``configs/evaluate.yaml``), and ``out`` (a folder for
+    ``results.json``, ``results.md`` and ``grids/*.png``; None writes nothing). Returns ``{"task", "settings",
+    "rows", "markdown"}``; each row has the means, ``n_assets``, ``n_empty_meshes`` and the per-asset values.
+    """
+    from shapee.data.dataset import AssetDataset
+    from shapee.train.extract import load_transmitter
+
+    cfg = dict(cfg)
+    unknown = sorted(set(cfg) - set(ENCODER_DEFAULTS) - {"ckpt", "data", "out", "task"})
+    if unknown:
+        raise ValueError(f"evaluate_encoder: unknown settings {unknown}; known: {sorted(ENCODER_DEFAULTS)}")
+    s = {**ENCODER_DEFAULTS, **{k: v for k, v in cfg.items() if k in ENCODER_DEFAULTS}}
+    root = (cfg.get("data") or {}).get("root")
+    if not root:
+        raise ValueError("data.root=<records folder> is required for task=encoder")
+    paths = _checkpoints(cfg.get("ckpt"))
+    labels = s["labels"]
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"labels has {len(labels)} names for {len(paths)} checkpoints")
+    device = pick_device(s["device"])
+    sources = SourceMeshes(int(s["toy_seed"]))
+    out = Path(cfg["out"]) if cfg.get("out") else None
+
+    rows, resolution = [], None
+    for i, path in enumerate(paths):
+        model = load_transmitter(path, device=device)
+        encoder = model.encoder
+        read = dict(load_targets=True, load_sdf=False, n_points=encoder.n_points, n_views=encoder.n_views)
+        dataset = AssetDataset(root, **read)
+        if s["holdout"]:
+            _, dataset = dataset.split(int(s["holdout"]), seed=int(s["split_seed"]))
+        if s["max_assets"] is not None and s["max_assets"] < len(dataset):
+            dataset = AssetDataset(root, asset_ids=dataset.asset_ids[: int(s["max_assets"])], **read)
+        row, grid = evaluate_checkpoint(
+            model, dataset, views=s["views"], resolution=s["resolution"], grid_size=int(s["grid_size"]),
+            n_points=int(s["n_points"]), fscore_threshold=float(s["fscore_threshold"]), psnr_cap=s["psnr_cap"],
+            batch_size=int(s["batch_size"]), seed=int(s["seed"]), sources=sources, grid_assets=int(s["grid_assets"]),
+            grid_views=int(s["grid_views"]),
+        )
+        resolution = s["resolution"] or int(dataset[0]["target_rgb"].shape[1])
+        label = labels[i] if labels is not None else _default_label(path, model)
+        row = {"label": label, "ckpt": str(path), "resolution": resolution, **row}
+        if out is not None and grid is not None:
+            row["grid"] = str(save_image_grid(out / "grids" / f"encoder_{i}.png", grid))
+        rows.append(row)
+        del model
+
+    settings = {
+        "data_root": str(root),
+        "views": s["views"],
+        "cameras": "the records' fixed target cameras",
+        "nerf_sampling": "deterministic (stratified midpoints + deterministic importance sampling)",
+        "background": "black",
+        "colour_space": "sRGB in [0, 1]",
+        "psnr": f"per asset over all pixels of its evaluated views, mean over assets; capped at {s['psnr_cap']} dB",
+        "mesh": f"SDF grid {s['grid_size']}³ → Marching Cubes 33 (level 0)",
+        "chamfer": "Chamfer-L1: ½(mean NN distance both ways), world units of the normalised frame [-1, 1]³",
+        "fscore_threshold": float(s["fscore_threshold"]),
+        "n_points": int(s["n_points"]),
+        "seed": int(s["seed"]),
+        "device": str(device),
+    }
+    table = markdown_table(
+        ["stage / checkpoint", "NeRF PSNR (dB)", "STF PSNR (dB)", "Chamfer-L1 (×10⁻³)",
+         f"F-score@{s['fscore_threshold']:g}", "assets", "empty meshes", "resolution"],
+        [[r["label"], _fmt(r["nerf_psnr"]), _fmt(r["stf_psnr"]), _fmt(r["chamfer"] * 1e3), _fmt(r["f_score"], 3),
+          r["n_assets"], r["n_empty_meshes"], f"{r['resolution']}²"] for r in rows],
+    )
+    notes = [
+        f"Records: `{root}`; views: {s['views']} target views per asset, the records' fixed cameras, rendered at "
+        f"{resolution}², black background, sRGB in [0, 1]. NeRF: deterministic sampling. STF: mesh from a "
+        f"{s['grid_size']}³ SDF grid (MC33), PyTorch3D with the dataset lighting.",
+        f"PSNR per asset over all its evaluated pixels, mean over assets, capped at {s['psnr_cap']} dB.",
+        f"Chamfer-L1 and F-score: {s['n_points']} area-uniform surface samples on the extracted mesh and on the source "
+        f"mesh, normalised world frame [-1, 1]³ (box side 2); F-score threshold τ = {s['fscore_threshold']:g} "
+        f"({100 * float(s['fscore_threshold']) / 2:g} % of the box side). Empty meshes: no Chamfer, F-score 0.",
+    ]
+    markdown = "## Encoder evaluation (Table 1)\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    results = {"task": "encoder", "settings": settings, "rows": rows, "markdown": markdown}
+    if out is not None:
+        write_results(out, results, markdown)
+    return results

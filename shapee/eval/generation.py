@@ -1,0 +1,316 @@
+"""Generation evaluation (``scripts/evaluate.py task=generation``): CLIP R-Precision and time per sample.
+
+CLIP R-Precision as the text-to-3D literature computes it (Park et al. 2021; Dream Fields, Jain et al. 2022; Point-E
+and Shap-E report it on a set of prompts): for each prompt of the evaluation set the prior samples ``n_per_prompt``
+latents; each latent is rendered (STF mesh render, or NeRF) from ``views`` cameras on a turntable at a fixed
+elevation (default 20 views at 30°, 128², black background); an *evaluation* CLIP embeds every render and every
+prompt, and each render retrieves the prompt of highest cosine similarity among all prompts of the set. R-Precision
+is the fraction of renders whose own prompt ranks first (ties count as misses). ``r_precision_view_mean`` is the
+same with one query per sample (its views' embeddings averaged).
+
+The evaluation CLIP must not be the conditioning CLIP of the prior: a prior conditioned on the same embedding space
+can score well by matching that space rather than by drawing the object. The same model (same architecture and
+weights) is refused unless ``allow_same_clip=true``, which prints a loud warning and marks the results.
+
+Time per sample: wall-clock seconds of the prior's sampling (CFG, all sampler steps) and of rendering, divided by
+the number of samples, synchronised on CUDA; the first batch is preceded by a short untimed warm-up (``warmup``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shapee.eval.metrics import retrieval_ranks
+from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
+
+GENERATION_DEFAULTS: dict[str, Any] = dict(
+    decoder=None,  # transmitter snapshot / released transmitter.pt that decodes the prior's latents
+    n_per_prompt=1,  # samples per prompt
+    batch_prompts=8,  # prompts per sampling call
+    guidance_scale=None,  # null: the prior's (15 for text as released)
+    steps=64,  # sampler steps
+    sampler="karras",
+    renderer="stf",  # stf (mesh render) | nerf
+    views=20,  # turntable cameras per sample
+    elevation_deg=30.0,  # camera elevation above the horizon
+    resolution=128,  # render size (square)
+    fov=0.7,  # radians (the notebooks' pan cameras)
+    grid_size=128,  # SDF grid of STF renders
+    eval_clip=None,  # {model_name, pretrained, model_cfg, dtype}: the evaluation CLIP (see DEFAULT_EVAL_CLIP)
+    allow_same_clip=False,  # evaluate with the conditioning CLIP anyway (warned, marked in the results)
+    warmup=True,  # one untimed 2-step sample + render before timing
+    grid_views=8,  # views per prompt in the image grid
+    seed=0,
+    device="auto",
+)
+# ViT-B/32 (OpenAI weights): an evaluation CLIP that differs from the released priors' ViT-L/14 conditioning.
+DEFAULT_EVAL_CLIP = dict(model_name="ViT-B-32", pretrained="openai", model_cfg=None, dtype="auto")
+
+
+def read_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The prompt set: a ``.txt`` file (one prompt per line; blank lines and ``#`` comments skipped), a ``.json`` list,
+    or a list of strings. At least 2 distinct non-empty prompts (retrieval needs alternatives; duplicates would make
+    the true prompt ambiguous)."""
+    if isinstance(prompts, (str, os.PathLike)):
+        path = Path(prompts)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"prompts={str(path)!r}: no such file (a .txt with one prompt per line, or a .json list)"
+            )
+        if path.suffix == ".json":
+            items = json.loads(path.read_text())
+            if not isinstance(items, list):
+                raise ValueError(f"prompts file {str(path)!r}: expected a JSON list of strings")
+        else:
+            items = [line.strip() for line in path.read_text().splitlines()]
+            items = [line for line in items if line and not line.startswith("#")]
+    else:
+        items = list(prompts)
+    for i, p in enumerate(items):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] is empty or not a string: {p!r}")
+    items = [p.strip() for p in items]
+    duplicates = sorted({p for p in items if items.count(p) > 1})
+    if duplicates:
+        raise ValueError(f"prompts contain duplicates {duplicates[:3]}: each prompt must be unique for retrieval")
+    if len(items) < 2:
+        raise ValueError(f"R-Precision needs at least 2 prompts to retrieve among, got {len(items)}")
+    return items
+
+
+def _clip_identity(kwargs: Mapping[str, Any]) -> tuple:
+    """What makes two FrozenCLIP configs the same model: architecture (QuickGELU suffix ignored: the OpenAI
+    weights are the same) and weights (tag or resolved file path), or the explicit architecture dict."""
+    name = str(kwargs.get("model_name") or "").removesuffix("-quickgelu")
+    pretrained = kwargs.get("pretrained")
+    if pretrained is not None and Path(str(pretrained)).is_file():
+        pretrained = str(Path(str(pretrained)).resolve())
+    cfg = kwargs.get("model_cfg")
+    if cfg is not None:
+        name = json.dumps(cfg, sort_keys=True, default=str)
+    return name, pretrained
+
+
+def same_clip(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """True when two FrozenCLIP kwargs describe the same model (architecture and weights)."""
+    return _clip_identity(a) == _clip_identity(b)
+
+
+def build_eval_clip(eval_clip: Mapping[str, Any] | None, device: torch.device, seed: int = 0):
+    """The evaluation :class:`~shapee.conditioning.FrozenCLIP`: any open_clip name + pretrained tag or local file, or
+    an explicit ``model_cfg`` (random weights unless ``pretrained`` is a file); built under a forked, seeded RNG."""
+    from shapee.models.latent_diffusion import build_frozen_clip
+
+    kwargs = {**DEFAULT_EVAL_CLIP, **dict(eval_clip or {})}
+    unknown = sorted(set(kwargs) - {"model_name", "pretrained", "model_cfg", "dtype", "cache_dir"})
+    if unknown:
+        raise ValueError(
+            f"eval_clip: unknown keys {unknown}; expected model_name, pretrained, model_cfg, dtype, cache_dir"
+        )
+    if kwargs["model_cfg"] is None:
+        kwargs.pop("model_cfg")
+    return build_frozen_clip(kwargs, seed=seed, device=device), kwargs
+
+
+@torch.no_grad()
+def clip_r_precision(
+    clip, images: Tensor, prompts: Sequence[str], true_index: Tensor, views: int = 1
+) -> dict[str, Any]:
+    """R-Precision of renders ``images`` ``[Q, H, W, 3]`` (sRGB in [0, 1]) against ``prompts`` with ``clip``.
+
+    ``true_index`` ``[Q]``: each render's prompt. With ``views > 1`` consecutive groups of ``views`` renders are one
+    sample, and ``r_precision_view_mean`` retrieves once per sample with the mean of its views' embeddings.
+    """
+    text = clip.embed_text(list(prompts))  # [P, D]
+    image = torch.cat([clip.embed_image(chunk) for chunk in images.split(64)])  # [Q, D]
+    true_index = torch.as_tensor(true_index, device=image.device).long()
+    ranks = retrieval_ranks(image, text, true_index)  # [Q]
+    out = {"r_precision": float((ranks == 0).double().mean()), "ranks": ranks.tolist()}
+    if views > 1:
+        if image.shape[0] % views:
+            raise ValueError(f"{image.shape[0]} renders do not split into samples of {views} views")
+        mean = image.view(-1, views, image.shape[-1]).mean(1)  # [S, D]
+        out["r_precision_view_mean"] = float((retrieval_ranks(mean, text, true_index[::views]) == 0).double().mean())
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _render(decoder, latents: Tensor, cameras, renderer: str, grid_size: int) -> Tensor:
+    """Renders ``[S, V, R, R, 3]`` sRGB in [0, 1] on black of latents ``[S, n_ctx, d]``."""
+    if renderer == "stf":
+        return decoder.render_stf(latents, cameras, grid_size=grid_size)["rgb"].clamp(0, 1)
+    return decoder.render_nerf(latents, cameras, deterministic=True)["rgb"].clamp(0, 1)
+
+
+@torch.no_grad()
+def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """CLIP R-Precision and time per sample of the text prior ``cfg["ckpt"]`` on the prompt set ``cfg["prompts"]``.
+
+    Other keys: :data:`GENERATION_DEFAULTS` (documented in ``configs/evaluate.yaml``) and ``out`` (folder for
+    ``results.json``, ``results.md``, ``grids/generation.png``; None writes nothing). Returns ``{"task", "settings",
+    "rows", "markdown"}`` with one row (the checkpoint) holding ``r_precision``, ``r_precision_view_mean``,
+    ``sample_seconds_per_sample``, ``render_seconds_per_sample`` and the per-prompt retrieval ranks.
+    """
+    import shapee.io
+    from shapee.cameras import orbit_cameras
+    from shapee.models.latent_diffusion import LatentDiffusion
+    from shapee.train.extract import load_transmitter
+
+    cfg = dict(cfg)
+    unknown = sorted(set(cfg) - set(GENERATION_DEFAULTS) - {"ckpt", "prompts", "out", "task"})
+    if unknown:
+        raise ValueError(f"evaluate_generation: unknown settings {unknown}; known: {sorted(GENERATION_DEFAULTS)}")
+    s = {**GENERATION_DEFAULTS, **{k: v for k, v in cfg.items() if k in GENERATION_DEFAULTS}}
+    if not cfg.get("ckpt") or cfg["ckpt"] == "???":
+        raise ValueError("ckpt=<text prior snapshot> is required for task=generation")
+    if not cfg.get("prompts") or cfg["prompts"] == "???":
+        raise ValueError("prompts=<file with one prompt per line> is required for task=generation")
+    if not s["decoder"]:
+        raise ValueError("decoder=<transmitter snapshot or transmitter.pt> is required to render the prior's latents")
+    if s["renderer"] not in ("stf", "nerf"):
+        raise ValueError(f"renderer must be 'stf' or 'nerf', got {s['renderer']!r}")
+    for key in ("n_per_prompt", "batch_prompts", "views", "resolution", "steps"):
+        if int(s[key]) < 1:
+            raise ValueError(f"{key} must be >= 1, got {s[key]}")
+    prompts = read_prompts(cfg["prompts"])
+    device = pick_device(s["device"])
+
+    prior = shapee.io.load(cfg["ckpt"], device=device)
+    if not isinstance(prior, LatentDiffusion) or prior.cond_mode != "text":
+        raise ValueError(f"ckpt={cfg['ckpt']!r} is not a text-conditional shapee.models.LatentDiffusion snapshot")
+    decoder = load_transmitter(s["decoder"], device=device)
+    have = (decoder.encoder.latent_ctx, decoder.encoder.d_latent)
+    if have != tuple(prior.latent_shape):
+        raise ValueError(
+            f"decoder={s['decoder']!r} decodes latents {list(have)}, the prior makes {list(prior.latent_shape)}"
+        )
+
+    clip, clip_kwargs = build_eval_clip(s["eval_clip"], device, seed=int(s["seed"]) + 1)
+    if clip_kwargs.get("pretrained") is None:
+        warnings.warn("the evaluation CLIP has random weights (eval_clip.pretrained=null): R-Precision is only a "
+                      "pipeline check, not a quality measure", stacklevel=2)
+    conditioning_clip = dict(prior._clip.kwargs)
+    same = same_clip(clip_kwargs, conditioning_clip)
+    if same and not s["allow_same_clip"]:
+        raise ValueError(
+            f"the evaluation CLIP {clip_kwargs.get('model_name')!r} ({clip_kwargs.get('pretrained')!r}) is the prior's "
+            "conditioning CLIP: R-Precision with it is not comparable; pick another eval_clip (e.g. ViT-B-32 when the "
+            "prior uses ViT-L/14) or set allow_same_clip=true to do it anyway"
+        )
+    if same:
+        warnings.warn(
+            "!!! R-Precision is computed with the prior's own conditioning CLIP (allow_same_clip=true): the numbers "
+            "overstate quality and are not comparable to the literature !!!", stacklevel=2,
+        )
+
+    cameras = orbit_cameras(int(s["views"]), elevation=math.radians(float(s["elevation_deg"])), fov=float(s["fov"]),
+                            resolution=int(s["resolution"]), device=device)
+    n, V = int(s["n_per_prompt"]), int(s["views"])
+    generator = torch.Generator(device).manual_seed(int(s["seed"]))
+    if s["warmup"]:  # kernels, CLIP build and allocator warm-up stay out of the timings
+        warm = prior.sample(prompts=prompts[:1], n=1, steps=2, sampler=s["sampler"], guidance_scale=s["guidance_scale"],
+                            generator=torch.Generator(device).manual_seed(0))
+        _render(decoder, warm, cameras[:1], s["renderer"], int(s["grid_size"]))
+    else:
+        prior.clip  # noqa: B018  build the conditioning CLIP outside the timed region
+
+    renders, sample_s, render_s = [], 0.0, 0.0
+    for first in range(0, len(prompts), int(s["batch_prompts"])):
+        chunk = prompts[first : first + int(s["batch_prompts"])]
+        _sync(device)
+        t0 = time.perf_counter()
+        latents = prior.sample(prompts=chunk, n=n, guidance_scale=s["guidance_scale"], steps=int(s["steps"]),
+                               sampler=s["sampler"], generator=generator)  # [p·n, n_ctx, d]
+        _sync(device)
+        t1 = time.perf_counter()
+        images = _render(decoder, latents, cameras, s["renderer"], int(s["grid_size"]))  # [p·n, V, R, R, 3]
+        _sync(device)
+        sample_s, render_s = sample_s + t1 - t0, render_s + time.perf_counter() - t1
+        renders.append(images.cpu())
+    renders = torch.cat(renders)  # [P·n, V, R, R, 3], prompt 0's n samples first
+    n_samples = renders.shape[0]
+    true_index = torch.arange(len(prompts)).repeat_interleave(n * V)  # [P·n·V]
+    retrieval = clip_r_precision(clip, renders.flatten(0, 1).to(device), prompts, true_index, views=V)
+    ranks = torch.tensor(retrieval["ranks"]).view(len(prompts), n * V)  # [P, n·V]
+
+    per_prompt = [
+        {"prompt": p, "r_precision": float((r == 0).double().mean()), "mean_rank": float(r.double().mean())}
+        for p, r in zip(prompts, ranks)
+    ]
+    row = {
+        "label": Path(str(cfg["ckpt"])).name,
+        "ckpt": str(cfg["ckpt"]),
+        "r_precision": retrieval["r_precision"],
+        "r_precision_view_mean": retrieval.get("r_precision_view_mean", retrieval["r_precision"]),
+        "n_prompts": len(prompts),
+        "n_samples": n_samples,
+        "n_renders": int(ranks.numel()),
+        "sample_seconds_per_sample": sample_s / n_samples,
+        "render_seconds_per_sample": render_s / n_samples,
+        "seconds_per_sample": (sample_s + render_s) / n_samples,
+        "same_clip_as_conditioning": same,
+        "prompts": per_prompt,
+    }
+    clip_name = clip_kwargs.get("model_name") if "model_cfg" not in clip_kwargs else "custom architecture"
+    settings = {
+        "prompts": str(cfg["prompts"]) if isinstance(cfg["prompts"], (str, os.PathLike)) else "inline list",
+        "n_prompts": len(prompts),
+        "n_per_prompt": n,
+        "eval_clip": {"model": clip_name, "pretrained": clip_kwargs.get("pretrained"),
+                      "model_cfg": clip_kwargs.get("model_cfg")},
+        "conditioning_clip": {k: conditioning_clip.get(k) for k in ("model_name", "pretrained", "model_cfg")},
+        "renderer": s["renderer"],
+        "cameras": f"{V} turntable views at elevation {float(s['elevation_deg']):g}°, distance 4, "
+        f"fov {float(s['fov']):g} rad",
+        "resolution": int(s["resolution"]),
+        "background": "black",
+        "sampler": {"name": s["sampler"], "steps": int(s["steps"]),
+                    "guidance_scale": prior.guidance_scale if s["guidance_scale"] is None else s["guidance_scale"]},
+        "seed": int(s["seed"]),
+        "device": str(device),
+        "timing": "wall clock, CUDA-synchronised, " + ("after an untimed warm-up" if s["warmup"] else "no warm-up"),
+    }
+    table = markdown_table(
+        ["prior", "CLIP R-Precision", "R-Precision (view-mean)", "prompts", "samples/prompt", "s/sample (prior)",
+         "s/sample (render)", "eval CLIP"],
+        [[row["label"], f"{100 * row['r_precision']:.1f} %", f"{100 * row['r_precision_view_mean']:.1f} %",
+          len(prompts), n, f"{row['sample_seconds_per_sample']:.3f}", f"{row['render_seconds_per_sample']:.3f}",
+          f"{clip_name} ({clip_kwargs.get('pretrained')})"]],
+    )
+    notes = [
+        f"Prompt set: {settings['prompts']} ({len(prompts)} prompts); each render retrieves among all of them; ties "
+        "count as misses.",
+        f"Renders: {s['renderer'].upper()}, {settings['cameras']}, {int(s['resolution'])}², black background, sRGB.",
+        f"Sampler: {s['sampler']}, {int(s['steps'])} steps, guidance {settings['sampler']['guidance_scale']}; "
+        f"device {device}; {settings['timing']}.",
+    ]
+    if same:
+        notes.insert(0, "**WARNING: evaluated with the prior's own conditioning CLIP (allow_same_clip=true).**")
+    markdown = "## Generation evaluation (CLIP R-Precision)\n\n" + table + "\n\n"
+    markdown += "\n".join(f"- {x}" for x in notes) + "\n"
+    out = Path(cfg["out"]) if cfg.get("out") else None
+    if out is not None:
+        k = min(int(s["grid_views"]), V)
+        first_sample = renders[::n, :k]  # [P, k, R, R, 3]: each prompt's first sample
+        grid = first_sample.permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1)  # [P·R, k·R, 3]
+        grid = (grid.numpy() * 255).round().astype(np.uint8)
+        row["grid"] = str(save_image_grid(out / "grids" / "generation.png", grid))
+    results = {"task": "generation", "settings": settings, "rows": [row], "markdown": markdown}
+    if out is not None:
+        write_results(out, results, markdown)
+    return results
