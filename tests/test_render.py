@@ -9,7 +9,16 @@ import trimesh
 
 from shapee.cameras import BLENDER_FOV, CAMERA_DISTANCE, Cameras, look_at, random_cameras
 from shapee.data.mesh import Mesh
-from shapee.data.render import rasterize_pytorch3d, render_views, resolve_backend
+from shapee.data.render import (
+    Fragments,
+    _pixel_rays,
+    _pixels_that_may_hit,
+    rasterize,
+    rasterize_pytorch3d,
+    render_views,
+    resolve_backend,
+    shade,
+)
 from shapee.render.lighting import shade_basic
 
 
@@ -188,6 +197,131 @@ def test_pytorch3d_bin_overflow_falls_back_to_naive():
     face, bary = rasterize_pytorch3d(mesh, cams, bin_size=8, max_faces_per_bin=4)  # overflows
     assert (face == naive_face).all()
     torch.testing.assert_close(bary, naive_bary)
+
+
+
+# ----------------------------------------------------------------------------------------------- speed paths
+def test_requested_outputs_equal_the_full_render_and_bad_names_raise():
+    mesh = textured_mesh()
+    cams = random_cameras(3, resolution=40, generator=torch.Generator().manual_seed(8))
+    full = render_views(mesh, cams)
+    for outputs in [("albedo", "alpha", "depth"), ("rgb", "alpha", "depth"), ("normals",), ("face_index", "rgb")]:
+        part = render_views(mesh, cams, outputs=outputs)
+        assert sorted(part) == sorted(outputs)
+        for name in outputs:
+            np.testing.assert_array_equal(part[name], full[name], err_msg=name)
+    with pytest.raises(ValueError, match="outputs"):
+        render_views(mesh, cams, outputs=("rgb", "shadows"))
+    with pytest.raises(ValueError, match="outputs"):
+        render_views(mesh, cams, outputs=())
+
+
+def test_fragments_split_by_view_and_round_trip_dense():
+    mesh = sphere_mesh(0.6)
+    cams = random_cameras(4, resolution=32, generator=torch.Generator().manual_seed(9))
+    fragments = rasterize(mesh, cams, backend="embree")
+    assert fragments.shape == (4, 32, 32) and (np.diff(fragments.pixel) > 0).all()
+    # Shading views 1..2 of the joint fragments is rendering those two cameras on their own.
+    alone = render_views(mesh, cams[1:3], backend="embree")
+    part = shade(mesh, cams[1:3], fragments.views(1, 3))
+    for name in alone:
+        np.testing.assert_array_equal(part[name], alone[name], err_msg=name)
+    face_index, bary = fragments.dense()
+    back = Fragments.from_dense(face_index, bary)
+    for name in ("pixel", "face", "bary"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(fragments, name))
+    with pytest.raises(ValueError, match="empty range"):
+        fragments.views(3, 3)
+    with pytest.raises(ValueError, match="do not match"):
+        shade(mesh, cams[:2], fragments.views(0, 3))
+
+
+def _cast_every_pixel(mesh: Mesh, cams: Cameras) -> np.ndarray:
+    """Face index ``[N, H, W]`` of every pixel ray (no culling), straight from Embree: the reference."""
+    from embreex import rtcore_scene
+    from embreex.mesh_construction import TriangleMesh
+
+    scene = rtcore_scene.EmbreeScene()
+    TriangleMesh(scene=scene, vertices=mesh.vertices, indices=mesh.faces.astype(np.int32))
+    origins, directions = (np.ascontiguousarray(t.reshape(-1, 3).numpy()) for t in cams.rays())
+    return scene.run(origins, directions).astype(np.int64).reshape(len(cams), cams.height, cams.width)
+
+
+@pytest.mark.parametrize("scene", ["distant", "close", "flat"])
+def test_culled_ray_casting_finds_every_hit(scene):
+    # Only pixels inside each view's projected bounding rectangle are cast: no hit may be lost, for cameras far
+    # away, cameras inside the mesh's bounding box (some vertices behind them: the whole image is cast), and a flat
+    # mesh (no 3-D convex hull: its bounding-box corners bound it).
+    if scene == "flat":
+        vertices = np.array([[-0.8, -0.5, 0.1], [0.7, -0.6, 0.1], [0.6, 0.8, 0.1], [-0.5, 0.4, 0.1]], np.float32)
+        mesh = Mesh(vertices, np.array([[0, 1, 2], [0, 2, 3]]), np.full((2, 3, 3), 0.5, np.float32))
+    else:
+        mesh = sphere_mesh(0.7, center=(0.1, -0.2, 0.05), subdivisions=3)
+    if scene == "close":
+        origin = torch.tensor([[0.0, -0.9, 0.3], [0.5, 0.5, -0.6]])
+        cams = Cameras(origin, *look_at(origin), 48, 48, BLENDER_FOV, BLENDER_FOV)
+    else:
+        cams = random_cameras(6, resolution=48, generator=torch.Generator().manual_seed(11))
+    reference = _cast_every_pixel(mesh, cams)
+    face_index, _ = rasterize(mesh, cams, backend="embree").dense()
+    assert (reference >= 0).sum() > 100
+    np.testing.assert_array_equal(face_index >= 0, reference >= 0)
+    assert (face_index == reference).mean() > 0.999  # up to which face owns a ray through a shared edge
+    view, _, _ = _pixels_that_may_hit(mesh, cams)
+    cast = np.bincount(view, minlength=len(cams)) / (48 * 48)  # [N] fraction of each view's pixels cast
+    if scene == "close":
+        assert cast.min() == 1.0  # a vertex behind the camera: no culling
+    else:
+        assert cast.max() < 0.6  # the culling does its job on a mesh seen whole
+
+
+def test_embree_rays_follow_the_camera_convention():
+    cams = random_cameras(3, resolution=17, generator=torch.Generator().manual_seed(12))
+    view, row, col = (a.reshape(-1) for a in np.meshgrid(np.arange(3), np.arange(17), np.arange(17), indexing="ij"))
+    origins, directions = _pixel_rays(cams, view, row, col)  # [R, 3] each, d · z = 1 (not unit length)
+    ref_origins, ref_directions = cams.pixel_rays(*(torch.from_numpy(a) for a in (view, row, col)))
+    np.testing.assert_allclose(origins, ref_origins.numpy(), atol=1e-6)
+    unit = directions / np.linalg.norm(directions, axis=-1, keepdims=True)
+    np.testing.assert_allclose(unit, ref_directions.numpy(), atol=1e-6)
+
+
+def test_albedo_matches_a_textbook_lookup_with_two_textures_and_wrapping():
+    # Reference: float64 bilinear lookup written out texel by texel, on a mesh that mixes two textures, untextured
+    # faces and per-corner colours, with UVs outside [0, 1] (wrap-around) and on the texture borders.
+    rng = np.random.default_rng(3)
+    n_faces = 60
+    textures = [rng.random((5, 7, 3)).astype(np.float32), rng.random((4, 3, 3)).astype(np.float32)]
+    face_texture = np.repeat([0, 1, -1], n_faces // 3)
+    corner_colors = rng.random((n_faces, 3, 3)).astype(np.float32)
+    corner_colors[::2] = corner_colors[::2, :1]  # every other face flat
+    corner_uvs = rng.uniform(-1.5, 2.5, (n_faces, 3, 2)).astype(np.float32)
+    corner_uvs[:4] = [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]]  # the borders exactly
+    mesh = Mesh(rng.random((n_faces * 3, 3)), np.arange(n_faces * 3).reshape(-1, 3), corner_colors,
+                corner_uvs=corner_uvs, face_texture=face_texture, textures=textures)
+    face = rng.integers(0, n_faces, 500)
+    bary = rng.dirichlet(np.ones(3), 500).astype(np.float32)
+
+    def lookup(texture, uv):
+        h, w = texture.shape[:2]
+        x, y = (uv[0] % 1.0) * w - 0.5, (1.0 - uv[1] % 1.0) * h - 0.5
+        x0, y0 = int(np.floor(x)), int(np.floor(y))
+        fx, fy = x - x0, y - y0
+        t = texture.astype(np.float64)
+        at = lambda r, c: t[r % h, c % w]  # noqa: E731
+        return ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1))
+                + fy * ((1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)))
+
+    expected = []
+    for f, b in zip(face, bary.astype(np.float64)):
+        color = b @ corner_colors[f].astype(np.float64)
+        if face_texture[f] >= 0:
+            color = color * lookup(textures[face_texture[f]], b @ corner_uvs[f].astype(np.float64))
+        expected.append(np.clip(color, 0, 1))
+    albedo = mesh.albedo(face, bary)
+    assert albedo.dtype == np.float32 and albedo.shape == (500, 3)
+    np.testing.assert_allclose(albedo, np.array(expected), atol=2e-5)
+    with pytest.raises(ValueError, match="barycentric"):
+        mesh.albedo(face, bary[:10])
 
 
 @pytest.mark.gpu

@@ -108,34 +108,69 @@ class Mesh:
         return points.astype(np.float32), face_ids
 
     def albedo(self, face_index: np.ndarray, barycentric: np.ndarray) -> np.ndarray:
-        """Flat sRGB albedo ``[K, 3]`` at points given by ``face_index`` ``[K]`` and ``barycentric`` ``[K, 3]``."""
+        """Flat sRGB albedo ``[K, 3]`` float32 at points given by ``face_index`` ``[K]`` and ``barycentric`` ``[K, 3]``.
+
+        Called once per pixel of every rendered view (millions of points per asset), hence the shortcuts: faces
+        whose three corner colours agree skip the interpolation, and only textured points compute a UV.
+        """
         face_index = np.asarray(face_index, dtype=np.int64)
         bary = np.asarray(barycentric, dtype=np.float32)
-        color = np.einsum("kc,kcd->kd", bary, self.corner_colors[face_index])  # [K, 3]
-        tex_id = self.face_texture[face_index]  # [K]
+        if bary.shape != (len(face_index), 3):
+            raise ValueError(f"barycentric must have shape [{len(face_index)}, 3] to match face_index, "
+                             f"got {bary.shape}")
+        corners = self.corner_colors
+        if (corners == corners[:, :1]).all():  # flat colour per face (textured OBJ, material colours)
+            color = np.take(corners[:, 0], face_index, axis=0)  # [K, 3]
+        else:
+            color = _interpolate(corners, face_index, bary)  # [K, 3]
         if self.corner_uvs is not None and self.textures:
-            uv = np.einsum("kc,kcd->kd", bary, self.corner_uvs[face_index])  # [K, 2]
+            tex_id = np.take(self.face_texture, face_index)  # [K]
             for t, texture in enumerate(self.textures):
-                sel = tex_id == t
-                if sel.any():
-                    color[sel] *= sample_texture(texture, uv[sel])
-        return np.clip(color, 0.0, 1.0)
+                sel = tex_id == t  # [K]
+                if sel.all():
+                    color *= sample_texture(texture, _interpolate(self.corner_uvs, face_index, bary))
+                elif sel.any():
+                    sel = np.flatnonzero(sel)  # [K_t]
+                    color[sel] *= sample_texture(texture, _interpolate(self.corner_uvs, face_index[sel], bary[sel]))
+        return np.clip(color, 0.0, 1.0, out=color)
+
+
+def _interpolate(corner_values: np.ndarray, face_index: np.ndarray, bary: np.ndarray) -> np.ndarray:
+    """Barycentric blend of per-corner values: ``corner_values`` ``[F, 3, C]``, ``face_index`` ``[K]``, ``bary``
+    ``[K, 3]`` → ``[K, C]`` float32."""
+    corners = np.take(corner_values, face_index, axis=0)  # [K, 3, C]
+    return np.einsum("kc,kcd->kd", bary, corners, dtype=np.float32)
 
 
 def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Bilinear lookup with wrap-around: ``texture`` ``[H, W, 3]``, ``uv`` ``[K, 2]`` (v up) → ``[K, 3]``."""
+    """Bilinear lookup with wrap-around: ``texture`` ``[H, W, 3]``, ``uv`` ``[K, 2]`` (v up) → ``[K, 3]`` float32."""
     h, w = texture.shape[:2]
-    # Texel centres sit at (i + 0.5) / size; v = 0 is the bottom row of the image.
-    x = np.mod(uv[:, 0], 1.0) * w - 0.5
-    y = (1.0 - np.mod(uv[:, 1], 1.0)) * h - 0.5
+    # A one-texel wrap-around border makes the four neighbours of any lookup plain flat offsets (no modulo), and
+    # np.take of whole rows of a flat [(H+2)·(W+2), 3] array is several times faster than texture[y, x].
+    texels = np.pad(np.asarray(texture, dtype=np.float32), ((1, 1), (1, 1), (0, 0)), mode="wrap")
+    texels = texels.reshape(-1, 3)  # [(H+2)·(W+2), 3]
+    uv = np.asarray(uv, dtype=np.float32)
+    u, v = uv[:, 0], uv[:, 1]  # [K] each
+    # Texel centres sit at (i + 0.5) / size and v = 0 is the bottom row of the image; the +1 is the border.
+    x = (u - np.floor(u)) * np.float32(w) + np.float32(0.5)  # [K] in [0.5, W + 0.5]
+    y = (np.floor(v) - v + np.float32(1.0)) * np.float32(h) + np.float32(0.5)  # [K] in [0.5, H + 0.5]
     x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    x0 = x0.astype(np.int64) % w
-    y0 = y0.astype(np.int64) % h
-    x1, y1 = (x0 + 1) % w, (y0 + 1) % h
-    top = texture[y0, x0] * (1 - fx) + texture[y0, x1] * fx
-    bottom = texture[y1, x0] * (1 - fx) + texture[y1, x1] * fx
-    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]  # [K, 1] position between the neighbouring texel centres
+    i00 = y0.astype(np.intp) * (w + 2) + x0.astype(np.intp)  # [K] flat index of the upper-left neighbour
+    c00, c01 = np.take(texels, i00, axis=0), np.take(texels, i00 + 1, axis=0)  # [K, 3] each
+    i00 += w + 2  # the row below
+    c10, c11 = np.take(texels, i00, axis=0), np.take(texels, i00 + 1, axis=0)
+    # In place: c00 += (c01 − c00)·fx, c10 += (c11 − c10)·fx, c00 += (c10 − c00)·fy.
+    c01 -= c00
+    c01 *= fx
+    c00 += c01
+    c11 -= c10
+    c11 *= fx
+    c10 += c11
+    c10 -= c00
+    c10 *= fy
+    c00 += c10
+    return c00
 
 
 def normalise(vertices: np.ndarray) -> np.ndarray:

@@ -6,13 +6,13 @@ with 1e-4 jitter if there are fewer than ``n_points`` of them, keep a random sub
 candidates whose nearest picked point it is ("neighbour colour averaging"). The cloud is stored in FPS order:
 every prefix is itself a well-spread cloud.
 
-The official recipe keeps 2¹⁹ candidates. FPS costs O(candidates · n_points), which is fine on a GPU but seconds
-on a CPU, so the candidate count defaults to 2¹⁹ on CUDA and 2¹⁶ on CPU.
+The official recipe keeps 2¹⁹ candidates. Brute-force FPS costs O(candidates · n_points), which is fine on a GPU
+but seconds on a CPU, so the candidate count defaults to 2¹⁹ on CUDA and 2¹⁶ on CPU, and the CPU runs an exact FPS
+that skips most of that work (:func:`farthest_point_sampling`, ``method="buckets"``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -20,10 +20,12 @@ import torch
 from torch import Tensor
 
 from shapee.cameras import Cameras
+from shapee.data.render import single_cpu_thread
 
 CANDIDATES_CUDA = 2**19  # the official recipe
-CANDIDATES_CPU = 2**16  # FPS of 16,384 points out of 2^16 candidates: ~1.5 s of one CPU core
+CANDIDATES_CPU = 2**16  # exact FPS of 16,384 points out of 2^16 candidates: ~0.4 s of one CPU core ("buckets")
 JITTER = 1e-4  # standard deviation of the jitter of duplicated points (world units)
+FPS_METHODS = ("auto", "buckets", "torch", "pytorch3d")
 
 
 def point_cloud_from_views(
@@ -65,12 +67,34 @@ def point_cloud_from_views(
     if n_candidates < n_points:
         raise ValueError(f"n_candidates ({n_candidates}) must be at least n_points ({n_points})")
 
-    # 1. Surface pixels: finite depth and full coverage (§6.3 uses alpha ≥ 1 − 1e-5).
-    valid = torch.isfinite(depth_t) & (alpha_t >= 1.0 - 1e-5)  # [N, H, W]
-    xyz = cameras.to(dtype=torch.float32).depth_to_points(torch.where(valid, depth_t, 0.0))[valid]  # [M, 3]
-    rgb = albedo_t[valid]  # [M, 3]
-    if xyz.shape[0] == 0:
+    with single_cpu_thread(device):  # a few ops on ~10⁶ values each: more threads only add overhead
+        xyz, rgb = _from_views(albedo_t, alpha_t, depth_t, cameras, n_points, n_candidates, generator)
+    if as_numpy:
+        return xyz.cpu().numpy(), rgb.cpu().numpy()
+    return xyz, rgb
+
+
+def _from_views(
+    albedo: Tensor,
+    alpha: Tensor,
+    depth: Tensor,
+    cameras: Cameras,
+    n_points: int,
+    n_candidates: int,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """The steps of :func:`point_cloud_from_views` on checked tensors: ``(xyz, rgb)`` ``[n_points, 3]`` each."""
+    device = depth.device
+    # 1. Surface pixels: finite depth and full coverage (§6.3 uses alpha ≥ 1 − 1e-5), back-projected one by one
+    #    (only those: a view is mostly background). Planar depth d along the unit ray r: p = o + r · d / (r · z).
+    view, row, col = (torch.isfinite(depth) & (alpha >= 1.0 - 1e-5)).nonzero(as_tuple=True)  # [M] each
+    if view.shape[0] == 0:
         raise ValueError("the views show no surface (no pixel with finite depth and alpha = 1)")
+    cameras = cameras.to(dtype=torch.float32)
+    origins, directions = cameras.pixel_rays(view, row, col)  # [M, 3] each, unit directions
+    distance = depth[view, row, col] / (directions * cameras.z[view]).sum(-1)  # [M] along the ray
+    xyz = origins + directions * distance[:, None]  # [M, 3]
+    rgb = albedo[view, row, col]  # [M, 3]
 
     # 2. Too few points: repeat them, jittering every copy but the first.
     if xyz.shape[0] < n_points:
@@ -87,11 +111,7 @@ def point_cloud_from_views(
     # 4. FPS, then each candidate's colour goes to its nearest selected point.
     start = int(_randint(xyz.shape[0], generator=generator))
     selected = farthest_point_sampling(xyz, n_points, start=start)  # [n_points]
-    rgb_out = average_into_nearest(xyz, rgb, selected)  # [n_points, 3]
-    xyz_out = xyz[selected]  # [n_points, 3]
-    if as_numpy:
-        return xyz_out.cpu().numpy(), rgb_out.cpu().numpy()
-    return xyz_out, rgb_out
+    return xyz[selected], average_into_nearest(xyz, rgb, selected)
 
 
 # ------------------------------------------------------------------------------------- farthest point sampling
@@ -105,8 +125,14 @@ def farthest_point_sampling(
     """Indices ``[k]`` (int64, on ``points``' device) of ``k`` farthest-point samples of ``points`` ``[P, D]``.
 
     Index 0 is ``start``; each next one is the point farthest (Euclidean) from all previous ones. ``method``:
-    ``"torch"`` (a loop of a few fused tensor ops per pick; the faster one on CPU), ``"pytorch3d"``
-    (``pytorch3d.ops.sample_farthest_points``: a dedicated kernel, the faster one on CUDA), ``"auto"``.
+
+    * ``"buckets"``: exact FPS on the CPU that only updates the points a new pick can bring closer (numpy,
+      :func:`_fps_buckets`); 4× faster than ``"torch"`` at 16,384 of 2¹⁶ points, and exact to float32 rounding;
+    * ``"torch"``: ``k`` iterations of a few fused tensor ops over all points (no host sync: queues well on CUDA);
+    * ``"pytorch3d"``: ``pytorch3d.ops.sample_farthest_points``, a dedicated kernel: the fast one on CUDA;
+    * ``"auto"``: ``"pytorch3d"`` on CUDA, ``"buckets"`` otherwise.
+
+    Exact ties (duplicate points) may be broken differently by different methods.
     """
     points = torch.as_tensor(points)
     if points.ndim != 2 or points.shape[0] == 0:
@@ -115,13 +141,93 @@ def farthest_point_sampling(
         raise ValueError(f"k must be in [1, {points.shape[0]}] (the number of points), got {k}")
     if not 0 <= start < points.shape[0]:
         raise ValueError(f"start must be in [0, {points.shape[0]}), got {start}")
-    if method not in ("auto", "torch", "pytorch3d"):
-        raise ValueError(f"method must be 'auto', 'torch' or 'pytorch3d', got {method!r}")
+    if method not in FPS_METHODS:
+        raise ValueError(f"method must be one of {FPS_METHODS}, got {method!r}")
     if method == "auto":
-        method = "pytorch3d" if points.device.type == "cuda" else "torch"
+        method = "pytorch3d" if points.device.type == "cuda" else "buckets"
     if method == "pytorch3d":
         return _fps_pytorch3d(points, k, start)
+    if method == "buckets":
+        picks = _fps_buckets(points.detach().cpu().float().numpy(), k, start)
+        return torch.from_numpy(picks).to(points.device)
     return _fps_torch(points, k, start)
+
+
+def _fps_buckets(points: np.ndarray, k: int, start: int, bucket_size: int = 64) -> np.ndarray:
+    """Exact FPS that touches only the points each pick can bring closer: indices ``[k]`` into ``points`` ``[P, D]``.
+
+    Brute force updates the distance of all P points after each pick. But a pick q can only lower the distance
+    of a point p where ``|p − q|`` is below p's current distance, so we group the points into ~P/64 compact
+    buckets (the leaves of a balanced k-d split) with a bounding sphere (centre c, radius r) and skip every bucket
+    with ``|q − c| ≥ r + √(its largest current distance)``. Once the picks are dense, a pick touches a handful of
+    buckets: what remains is ~15 small numpy calls per pick. Distances are the float32 ``Σ (p − q)²``.
+    """
+    p_count, dim = points.shape
+    order, n_buckets, size = _kd_buckets(points, bucket_size)  # [B·S], B, S
+    slots = order % p_count  # [B·S] the point in each slot
+    bucket_points = np.ascontiguousarray(points[slots].reshape(n_buckets, size, dim).transpose(0, 2, 1))  # [B, D, S]
+    as64 = bucket_points.astype(np.float64)  # [B, D, S]
+    centre = (as64.min(2) + as64.max(2)) / 2  # [B, D]
+    radius = np.sqrt(((as64 - centre[:, :, None]) ** 2).sum(1).max(1))  # [B]
+    # A relative and an absolute margin keep the skip test below conservative under float32 rounding.
+    radius = radius * (1.0 + 1e-5) + 1e-6
+    # |q − c|² − |c|² = −2 c·q + |q|²: one matrix-vector product per pick, compared with (reach² − |c|²).
+    centre_m2, centre_sq = -2.0 * centre, (centre**2).sum(1)  # [B, D], [B]
+
+    min_dist = np.full((n_buckets, size), np.inf, dtype=np.float32)  # [B, S] squared distance to the picks
+    flat_dist = min_dist.reshape(-1)  # [B·S], a view
+    flat_dist[order >= p_count] = -np.inf  # the repeated points that fill the last slots are never picked
+    bucket_max = min_dist.max(1)  # [B] largest distance in each bucket
+    # [B] (r + √bucket_max)² − |c|²: a pick q with |q − c| ≥ r + √bucket_max brings no point of the bucket closer.
+    threshold = np.full(n_buckets, np.inf)
+
+    # The loop body runs k times: plain ufunc calls (no numpy Python wrappers), every one on a few values.
+    add, maximum, sqrt = np.add.reduce, np.maximum.reduce, np.sqrt
+    last = int((order == start).nonzero()[0][0])
+    picks = np.empty(k, dtype=np.int64)  # slots
+    picks[0] = last
+    for i in range(1, k):
+        b, s = divmod(last, size)
+        q, q64 = bucket_points[b, :, s], as64[b, :, s]  # [D] the newest pick
+        flat_dist[last] = -np.inf  # picked: never again, even among exact duplicates
+        near = (centre_m2 @ q64 < threshold - q64 @ q64).nonzero()[0]  # [m] buckets it may update
+        dist = bucket_points[near]  # [m, D, S]
+        dist -= q[:, None]
+        dist *= dist
+        dist = add(dist, 1)  # [m, S] squared distances to q
+        np.minimum(dist, min_dist[near], out=dist)
+        min_dist[near] = dist
+        top = maximum(dist, 1)  # [m]
+        bucket_max[near] = top
+        reach = radius[near] + sqrt(np.maximum(top, 0.0)) * (1.0 + 1e-5)  # [m]
+        threshold[near] = reach * reach - centre_sq[near]
+        b = int(bucket_max.argmax())
+        last = b * size + int(min_dist[b].argmax())
+        picks[i] = last
+    return slots[picks]
+
+
+def _kd_buckets(points: np.ndarray, bucket_size: int) -> tuple[np.ndarray, int, int]:
+    """Balanced k-d split of ``points`` ``[P, D]`` into ``B = 2^L`` buckets of ``S`` slots, S in
+    [bucket_size, 2·bucket_size) (or S = P when P is small): ``(order [B·S], B, S)``. Bucket ``b`` is slots
+    ``b·S … b·S + S − 1``; slot ``j`` holds point ``order[j] mod P``, and ``order[j] ≥ P`` marks the ``B·S − P``
+    slots that repeat a point to fill the buckets (they land next to their twin, so they widen no bucket).
+
+    Every level halves each group at the median of its widest axis (one vectorised argpartition per level).
+    """
+    p_count = points.shape[0]
+    levels = max(0, int(math.log2(max(p_count // bucket_size, 1))))
+    n_buckets = 1 << levels
+    size = -(-p_count // n_buckets)
+    order = np.arange(n_buckets * size)  # [B·S]
+    for level in range(levels):
+        groups = order.reshape(1 << level, -1)  # [G, N_g] the current groups, N_g even
+        coords = points[groups % p_count]  # [G, N_g, D]
+        axis = (coords.max(1) - coords.min(1)).argmax(1)  # [G] the widest axis of each group
+        values = np.take_along_axis(coords, axis[:, None, None], axis=2)[..., 0]  # [G, N_g]
+        halves = np.argpartition(values, groups.shape[1] // 2, axis=1)  # lower half first
+        order = np.take_along_axis(groups, halves, axis=1).reshape(-1)
+    return order, n_buckets, size
 
 
 def _fps_pytorch3d(points: Tensor, k: int, start: int) -> Tensor:
@@ -160,7 +266,7 @@ def _fps_torch(points: Tensor, k: int, start: int) -> Tensor:
 
     last = torch.tensor(start, device=device)
     picks = [last]
-    with _single_cpu_thread(device):
+    with single_cpu_thread(device):
         for _ in range(k - 1):
             query = queries[last][None].contiguous()  # [1, D+2]
             torch.mm(query, keys, out=dist)  # [1, P'] squared distances to the newest pick
@@ -170,20 +276,6 @@ def _fps_torch(points: Tensor, k: int, start: int) -> Tensor:
             last = best_row * block + torch.argmax(min_grid[best_row])  # []
             picks.append(last)
     return torch.stack(picks)
-
-
-@contextlib.contextmanager
-def _single_cpu_thread(device: torch.device):
-    """Run tiny CPU ops on one thread: with OpenMP on a busy machine, 65k-element ops get 10× slower, not faster."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------- colour averaging
