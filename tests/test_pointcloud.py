@@ -7,8 +7,14 @@ import trimesh
 
 from shapee.cameras import random_cameras
 from shapee.data.mesh import Mesh
-from shapee.data.pointcloud import average_into_nearest, farthest_point_sampling, point_cloud_from_views
-from shapee.data.render import render_views
+from shapee.data.pointcloud import (
+    _fps_buckets,
+    average_into_nearest,
+    farthest_point_sampling,
+    point_cloud_from_fragments,
+    point_cloud_from_views,
+)
+from shapee.data.render import rasterize, render_views
 
 
 def reference_fps(points: np.ndarray, k: int, start: int) -> list[int]:
@@ -30,7 +36,7 @@ def two_colour_sphere(subdivisions: int = 3) -> Mesh:
     return Mesh(np.asarray(sphere.vertices), faces, colors)
 
 
-@pytest.mark.parametrize("method", ["torch", "pytorch3d"])
+@pytest.mark.parametrize("method", ["buckets", "torch", "pytorch3d"])
 def test_fps_matches_reference_and_prefixes_spread(method):
     points = np.random.default_rng(0).random((600, 3)) * 2 - 1
     idx = farthest_point_sampling(torch.from_numpy(points).float(), 64, start=17, method=method)
@@ -64,6 +70,34 @@ def test_fps_never_repeats_on_duplicates_and_checks_input():
         farthest_point_sampling(points, 51)
     with pytest.raises(ValueError, match="points must have shape"):
         farthest_point_sampling(torch.zeros(5), 2)
+
+
+
+@pytest.mark.parametrize("bucket_size", [4, 16, 64])
+def test_bucketed_fps_is_exact_on_a_surface_cloud(bucket_size):
+    # Points on a sphere and a plane (a surface-like cloud, as the renders give), 3001 of them so that the k-d
+    # buckets need filler slots: every pick equals the textbook float64 FPS, whatever the bucket size.
+    rng = np.random.default_rng(4)
+    sphere = rng.normal(size=(2000, 3))
+    sphere /= np.linalg.norm(sphere, axis=-1, keepdims=True)
+    plane = np.c_[rng.uniform(-2, 2, (1001, 2)), np.full(1001, -1.2)]
+    points = np.concatenate([sphere, plane]).astype(np.float32)
+    picks = _fps_buckets(points, 700, start=123, bucket_size=bucket_size)
+    assert picks.tolist() == reference_fps(points.astype(np.float64), 700, 123)
+    # 2-D points and k = P (every point, each once) go through the same code.
+    grid = rng.random((300, 2)).astype(np.float32)
+    every = _fps_buckets(grid, 300, start=0, bucket_size=bucket_size)
+    assert sorted(every.tolist()) == list(range(300))
+    assert every[:50].tolist() == reference_fps(grid.astype(np.float64), 50, 0)
+
+
+def test_fps_auto_on_cpu_is_the_exact_bucketed_method():
+    points = torch.rand(5000, 3)
+    auto = farthest_point_sampling(points, 400, start=9)
+    assert auto.device == points.device and auto.dtype == torch.int64
+    assert auto.tolist() == reference_fps(points.double().numpy(), 400, 9)
+    with pytest.raises(ValueError, match="method"):
+        farthest_point_sampling(points, 4, method="random")
 
 
 def test_colour_averaging_constructed_case():
@@ -110,6 +144,26 @@ def test_too_few_pixels_are_duplicated_with_jitter_and_seeded():
     again, _ = point_cloud_from_views(*args, n_points=1000, n_candidates=4000,
                                       generator=torch.Generator().manual_seed(5))
     np.testing.assert_array_equal(xyz, again)
+
+
+
+@pytest.mark.parametrize(("resolution", "n_points", "n_candidates"), [(48, 512, 2048), (16, 1000, 4000)],
+                         ids=["subset", "duplicated"])
+def test_cloud_from_fragments_is_the_cloud_from_rendered_views(resolution, n_points, n_candidates):
+    # Shading only the kept candidates (data preparation) gives exactly the cloud of the full renders, both when a
+    # random subset is kept and when too few pixels are duplicated with jitter.
+    mesh = two_colour_sphere()
+    cams = random_cameras(4, resolution=resolution, generator=torch.Generator().manual_seed(3))
+    views = render_views(mesh, cams)
+    expected = point_cloud_from_views(views["albedo"], views["alpha"], views["depth"], cams, n_points=n_points,
+                                      n_candidates=n_candidates, generator=torch.Generator().manual_seed(7))
+    got = point_cloud_from_fragments(mesh, cams, rasterize(mesh, cams), n_points=n_points, n_candidates=n_candidates,
+                                     generator=torch.Generator().manual_seed(7))
+    for a, b in zip(got, expected):
+        assert a.dtype == np.float32 and a.shape == (n_points, 3)
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="do not match"):
+        point_cloud_from_fragments(mesh, cams[:2], rasterize(mesh, cams), n_points=16)
 
 
 def test_torch_inputs_give_torch_outputs_and_bad_shapes_raise():

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import shapee.data.prepare as prepare_mod
+from shapee.cameras import Cameras
 from shapee.data import AssetDataset, prepare_asset
 from shapee.data.prepare import PrepareError, PrepareSettings, load_captions, parse_shard, prepare_dataset
 from shapee.data.records import read_jsonl, read_record
@@ -91,6 +92,43 @@ def test_prepare_asset_is_reproducible_per_asset_and_seed(tmp_path, assets_good)
     for key in a1:
         np.testing.assert_array_equal(a1[key], a2[key], err_msg=key)
     assert not np.allclose(a1["view_cameras"], a3["view_cameras"])  # the global seed changes the cameras
+
+
+@pytest.mark.parametrize("pc_resolution", [24, 20])  # one joint rasterisation, or one per resolution
+def test_record_equals_plain_renders_of_its_cameras(tmp_path, assets_good, pc_resolution):
+    # The render step rasterises all views at once and shades each group with only what the record keeps: the
+    # record must hold exactly what full renders of the same cameras give, and the cloud those renders give.
+    import torch
+
+    from shapee.cameras import BLENDER_FOV, random_cameras
+    from shapee.data.mesh import load_mesh
+    from shapee.data.pointcloud import point_cloud_from_views
+    from shapee.data.prepare import _to_uint8, asset_seed
+    from shapee.data.render import render_views
+
+    settings = PrepareSettings.from_config({**tiny_cfg("out=x"), "pc_resolution": pc_resolution})
+    box = assets_good / "BoxTextured.glb"
+    record = prepare_asset(box, tmp_path, settings)
+    _, a = read_record(tmp_path / record.record)
+    mesh = load_mesh(box)
+    for prefix, key in (("view", "views"), ("target", "target_rgb")):
+        cams = Cameras.from_matrix(torch.from_numpy(a[f"{prefix}_cameras"]), 24, 24, BLENDER_FOV)
+        full = render_views(mesh, cams)
+        np.testing.assert_array_equal(a[key], _to_uint8(full["rgb"]))
+        np.testing.assert_array_equal(a[f"{prefix}_alpha"] > 0, full["alpha"] > 0)
+        np.testing.assert_array_equal(a[f"{prefix}_depth"], full["depth"])
+    # The point-cloud cameras come third from the asset's camera stream (see build_record).
+    seed = asset_seed(record.asset_id, settings.seed)
+    generator = torch.Generator().manual_seed(seed)
+    for n in (settings.views, max(settings.targets, 1)):
+        random_cameras(n, generator=generator)
+    pc = random_cameras(settings.pc_views, resolution=pc_resolution, generator=generator)
+    views = render_views(mesh, pc)
+    xyz, rgb = point_cloud_from_views(views["albedo"], views["alpha"], views["depth"], pc, n_points=settings.n_points,
+                                      n_candidates=settings.pc_candidates,
+                                      generator=torch.Generator().manual_seed(seed ^ 0x5EED))
+    np.testing.assert_array_equal(a["points_xyz"], xyz)
+    np.testing.assert_array_equal(a["points_rgb"], _to_uint8(rgb))
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -5,8 +5,9 @@ Per asset (reference §6.2–6.3, with our own renderer in place of Blender):
 1. **load**: ``load_mesh`` (flatten, validate, normalise into [-1, 1]³) and the sha256 of the source file;
 2. **render**: ``views`` encoder views and ``targets`` target views (random directions, distance 4, Blender's
    field of view, "basic" lighting), plus ``pc_views`` views for the point cloud, rasterised together; the encoder
-   and target views are shaded (rgb, alpha, depth), the point-cloud views only get albedo, alpha and depth;
-3. **pointcloud**: back-project the point-cloud views' albedo and farthest-point-sample ``n_points`` points;
+   and target views are shaded (rgb, alpha, depth);
+3. **pointcloud**: back-project the point-cloud views' albedo and farthest-point-sample ``n_points`` points (only
+   the surface pixels that the random candidate subset keeps are shaded: see ``point_cloud_from_fragments``);
 4. **sdf**: ``sdf_uniform`` points uniform in the box and ``sdf_near`` points near the surface, signed positive inside;
 5. **write**: encode the record arrays (uint8 images) and write the record, atomically; then the main process
    appends its manifest line.
@@ -172,7 +173,7 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
     import torch
 
     from shapee.cameras import BLENDER_FOV, CAMERA_DISTANCE, Cameras, random_cameras
-    from shapee.data.pointcloud import point_cloud_from_views
+    from shapee.data.pointcloud import point_cloud_from_fragments
     from shapee.data.render import rasterize, shade
     from shapee.data.sdf import sample_sdf_points
 
@@ -190,9 +191,9 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
     tgt = cams(max(s.targets, 1), s.resolution)[: s.targets]
     pc = cams(s.pc_views, s.pc_resolution)
 
-    # ---- render: one rasterisation per resolution (the ray-casting structure is built once per asset), then
-    # each group of views is shaded with only what the record uses: the encoder and target views' rgb, alpha and
-    # depth, the point-cloud views' albedo, alpha and depth.
+    # ---- render: one rasterisation per resolution (the ray-casting structure is built once per asset); the
+    # encoder and target views are shaded with what the record keeps (rgb, alpha, depth). The point-cloud views are
+    # never made into images: the point-cloud step shades the few of their pixels it keeps.
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         main_cams, n_vt = Cameras.cat([enc, tgt]), s.views + s.targets
@@ -203,7 +204,6 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
             main_fragments = rasterize(mesh, main_cams.to(device), backend=s.backend)
             pc_fragments = rasterize(mesh, pc.to(device), backend=s.backend)
         main = shade(mesh, main_cams, main_fragments, outputs=("rgb", "alpha", "depth"))  # [V+T, ...] each
-        pc_out = shade(mesh, pc, pc_fragments, outputs=("albedo", "alpha", "depth"))  # [PC, ...] each
     except Exception as e:
         raise AssetFailure("render", f"{type(e).__name__}: {e}") from e
     timings["render"], timings["render_cpu"] = time.perf_counter() - t0, time.process_time() - c0
@@ -215,8 +215,8 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
     # ---- point cloud: back-project the albedo of the point-cloud views, FPS to n_points (§6.3)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        xyz, rgb = point_cloud_from_views(
-            pc_out["albedo"], pc_out["alpha"], pc_out["depth"], pc.to(device),
+        xyz, rgb = point_cloud_from_fragments(
+            mesh, pc.to(device), pc_fragments,
             n_points=s.n_points, n_candidates=s.pc_candidates, generator=torch.Generator().manual_seed(seed ^ 0x5EED),
         )
         xyz, rgb = _to_numpy(xyz).astype(np.float32), _to_numpy(rgb).astype(np.float32)

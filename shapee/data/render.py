@@ -38,6 +38,9 @@ from shapee.render.lighting import LIGHT_DIRECTION, shade_basic
 
 BACKENDS = ("auto", "embree", "pytorch3d")
 OUTPUTS = ("rgb", "albedo", "alpha", "depth", "normals", "face_index")
+# Ray culling projects every vertex into every view; above this many vertices, only the convex hull's (Qhull costs
+# about as much as projecting ~10k vertices into 80 views, and a large scanned mesh has few vertices on its hull).
+HULL_ABOVE_VERTICES = 20_000
 
 
 def render_views(
@@ -209,15 +212,22 @@ def _pixels_that_may_hit(mesh: Mesh, cameras: Cameras) -> tuple[np.ndarray, np.n
     of the ray directions. A view with any vertex at or behind its image plane keeps every pixel.
     """
     n, h, w = len(cameras), cameras.height, cameras.width
-    points = _hull_vertices(mesh.vertices).astype(np.float64)  # [P, 3]: the mesh's image is theirs
-    origin, x, y, z = (getattr(cameras, k).double().numpy() for k in ("origin", "x", "y", "z"))  # [N, 3] each
-    rel = points[None] - origin[:, None]  # [N, P, 3]
-    along_z = np.einsum("npd,nd->np", rel, z)  # [N, P] planar depth
+    points = mesh.vertices.astype(np.float64)  # [P, 3]
+    if len(points) > HULL_ABOVE_VERTICES:  # the image of the mesh is that of its convex hull's vertices
+        points = _hull_vertices(points)
+    origin = cameras.origin.double().numpy()  # [N, 3]
+
+    def along(axis: Tensor) -> np.ndarray:  # [N, P]: (p − o) · axis of each camera
+        axis = axis.double().numpy()  # [N, 3]
+        # einsum, not `@`: a [N, 3] × [3, P] product is too thin for BLAS, whose threads cost 6× the CPU time here.
+        return np.einsum("nd,pd->np", axis, points) - (origin * axis).sum(1, keepdims=True)
+
+    along_z = along(cameras.z)  # [N, P] planar depth
     in_front = (along_z > 1e-6).all(axis=1)  # [N]
     along_z = np.where(along_z > 1e-6, along_z, 1.0)
     # The inverse of the pixel ray directions: column c looks along x-slope (2c/(W−1) − 1)·tan(fov/2), rows alike.
-    col = (np.einsum("npd,nd->np", rel, x) / along_z / math.tan(cameras.x_fov / 2) + 1.0) * (w - 1) / 2  # [N, P]
-    row = (np.einsum("npd,nd->np", rel, y) / along_z / math.tan(cameras.y_fov / 2) + 1.0) * (h - 1) / 2  # [N, P]
+    col = (along(cameras.x) / along_z / math.tan(cameras.x_fov / 2) + 1.0) * (w - 1) / 2  # [N, P]
+    row = (along(cameras.y) / along_z / math.tan(cameras.y_fov / 2) + 1.0) * (h - 1) / 2  # [N, P]
     col_lo = np.where(in_front, np.clip(np.floor(col.min(1)) - 1, 0, w), 0).astype(np.int64)  # [N]
     col_hi = np.where(in_front, np.clip(np.ceil(col.max(1)) + 2, 0, w), w).astype(np.int64)  # [N], exclusive
     row_lo = np.where(in_front, np.clip(np.floor(row.min(1)) - 1, 0, h), 0).astype(np.int64)
@@ -332,12 +342,38 @@ def shade(
     outputs: tuple[str, ...] | list[str] = OUTPUTS,
     light_dir: tuple[float, float, float] = LIGHT_DIRECTION,
 ) -> dict[str, np.ndarray]:
-    """The shading shared by both backends: :class:`Fragments` → the ``outputs`` of :func:`render_views`.
+    """The shading shared by both backends: :class:`Fragments` → the ``outputs`` of :func:`render_views` (images
+    ``[N, H, W, ...]``; see :func:`shade_hits` for what is computed at the hit pixels)."""
+    outputs = _check_outputs(outputs)
+    n, h, w = fragments.shape
+    hits = shade_hits(mesh, cameras, fragments, outputs=outputs, light_dir=light_dir)
+    out: dict[str, np.ndarray] = {}
+    for name in outputs:
+        if name == "face_index":
+            image = np.full(n * h * w, -1, dtype=np.int64)  # [N·H·W]
+        elif name == "alpha":
+            image = np.zeros(n * h * w, dtype=np.float32)
+        else:
+            channels = (3,) if name in ("rgb", "albedo", "normals") else ()
+            image = np.full((n * h * w, *channels), np.inf if name == "depth" else 0.0, dtype=np.float32)
+        image[fragments.pixel] = hits[name]
+        out[name] = image.reshape(n, h, w, *image.shape[1:])
+    return out
 
-    Only hit pixels are computed, and only what ``outputs`` needs: albedo from :meth:`Mesh.albedo`;
-    :func:`shade_basic` with the face normal (two-sided lighting, so its sign does not matter); the ``normals``
-    output flipped toward the camera; depth is the planar depth of the barycentric surface point, so both
-    backends measure it the same way.
+
+def shade_hits(
+    mesh: Mesh,
+    cameras: Cameras,
+    fragments: Fragments,
+    outputs: tuple[str, ...] | list[str] = OUTPUTS,
+    light_dir: tuple[float, float, float] = LIGHT_DIRECTION,
+) -> dict[str, np.ndarray]:
+    """The ``outputs`` of :func:`render_views` at the ``K`` fragments only: ``[K, 3]`` or ``[K]`` each.
+
+    Only what ``outputs`` needs is computed: albedo from :meth:`Mesh.albedo`; :func:`shade_basic` with the face
+    normal (two-sided lighting, so its sign does not matter); the ``normals`` output flipped toward the camera;
+    depth is the planar depth of the barycentric surface point, so both backends measure it the same way.
+    ``fragments.pixel`` need not be sorted here (a random subset of them is fine).
     """
     outputs = _check_outputs(outputs)
     n, h, w = fragments.shape
@@ -367,21 +403,11 @@ def shade(
             away = np.einsum("kd,kd->k", normal, to_point) > 0  # [K]
             normal[away] *= -1.0
             hits["normals"] = normal
-
-    out: dict[str, np.ndarray] = {}
-    for name in outputs:
-        if name == "face_index":
-            image = np.full(n * h * w, -1, dtype=np.int64)  # [N·H·W]
-            image[pixel] = face
-        elif name == "alpha":
-            image = np.zeros(n * h * w, dtype=np.float32)
-            image[pixel] = 1.0
-        else:
-            channels = (3,) if name in ("rgb", "albedo", "normals") else ()
-            image = np.full((n * h * w, *channels), np.inf if name == "depth" else 0.0, dtype=np.float32)
-            image[pixel] = hits[name]
-        out[name] = image.reshape(n, h, w, *image.shape[1:])
-    return out
+    if "alpha" in outputs:
+        hits["alpha"] = np.ones(len(face), dtype=np.float32)
+    if "face_index" in outputs:
+        hits["face_index"] = face
+    return {name: hits[name] for name in outputs}
 
 
 def shade_fragments(
