@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ from torch import Tensor
 from shapee.cameras import Cameras, to_pytorch3d
 from shapee.data.mesh import Mesh
 from shapee.render.lighting import LIGHT_DIRECTION, shade_basic
+from shapee.render.raster import rasterize_with_bin_fallback
 
 BACKENDS = ("auto", "embree", "pytorch3d")
 OUTPUTS = ("rgb", "albedo", "alpha", "depth", "normals", "face_index")
@@ -309,21 +309,7 @@ def rasterize_pytorch3d(
         )
         return MeshRasterizer(cameras=to_pytorch3d(cameras), raster_settings=settings)(meshes)
 
-    # Bin overflow: a RuntimeError on CPU, only a warning (and missing faces) on CUDA.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            fragments = rasterize(bin_size)
-            overflow = any("Bin size was too small" in str(w.message) for w in caught)
-        except RuntimeError as error:
-            if "faces per bin" not in str(error):
-                raise
-            overflow = True
-    for w in caught:  # pass on any other warning
-        if "Bin size was too small" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if overflow:
-        fragments = rasterize(0)
+    fragments = rasterize_with_bin_fallback(rasterize, bin_size)
 
     packed = fragments.pix_to_face[..., 0]  # [N, H, W], indices into the N-times-extended packed faces
     view = torch.arange(n, device=device)[:, None, None]  # [N, 1, 1]

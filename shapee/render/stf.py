@@ -26,7 +26,6 @@ Glue for a :class:`shapee.models.Transmitter` (which the model's ``render_stf``/
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -37,6 +36,7 @@ from torch import Tensor
 from shapee.cameras import Cameras, to_pytorch3d
 from shapee.render.lighting import LIGHT_DIRECTION, shade_basic
 from shapee.render.mc33 import marching_cubes
+from shapee.render.raster import rasterize_with_bin_fallback
 
 if TYPE_CHECKING:  # pragma: no cover
     import trimesh
@@ -239,20 +239,7 @@ def _rasterize(meshes, p3d_cameras, *, image_size: int, blur_radius: float, face
         )
         return MeshRasterizer(cameras=p3d_cameras, raster_settings=settings)(meshes)
 
-    # Bin overflow is a RuntimeError on CPU but only a warning (and silently missing faces) on CUDA.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            fragments = rasterize(bin_size)
-            overflow = any("Bin size was too small" in str(w.message) for w in caught)
-        except RuntimeError as error:
-            if "faces per bin" not in str(error):
-                raise
-            overflow = True
-    for w in caught:  # pass any other warning on
-        if "Bin size was too small" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return rasterize(0) if overflow else fragments
+    return rasterize_with_bin_fallback(rasterize, bin_size)
 
 
 def render_meshes(
