@@ -16,6 +16,7 @@ PRIMARY = {
     "train_diffusion": (["data.root=/tmp/latents"], ["cond", "trainer"]),
     "extract_latents": (["records=/tmp/r", "encoder=/tmp/e.pt", "out=/tmp/o"], ["cond"]),
     "evaluate": (["task=encoder", "ckpt=/tmp/c.pt"], []),
+    "sample": (["prompt=a chair"], []),
 }
 
 

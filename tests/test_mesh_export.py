@@ -102,3 +102,12 @@ def test_uppercase_suffix_and_mesh_without_colours(tmp_path, mc_mesh):
     gltf, _ = read_glb(path)
     assert set(gltf["meshes"][0]["primitives"][0]["attributes"]) == {"POSITION"}
     assert len(trimesh.load(path, force="mesh", process=False).vertices) == len(plain.vertices)
+
+
+@pytest.mark.parametrize("suffix", [".ply", ".obj", ".glb"])
+def test_empty_mesh_exports_without_crashing(tmp_path, suffix):
+    from shapee.render.stf import to_trimesh
+
+    empty = to_trimesh(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))
+    path = export_mesh(empty, tmp_path / f"empty{suffix}")
+    assert path.exists() and path.stat().st_size > 0

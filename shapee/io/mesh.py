@@ -115,6 +115,10 @@ def mesh_bytes(mesh, file_format: str) -> bytes:
     from trimesh.exchange.ply import export_ply
 
     _check_mesh(mesh)
+    if len(mesh.vertices) == 0:  # an empty mesh (no zero crossing): trimesh's writers choke on its colour array
+        import trimesh
+
+        mesh = trimesh.Trimesh()
     file_format = file_format.lower()
     if file_format == ".glb":
         return _glb_bytes(mesh)

@@ -1,0 +1,550 @@
+"""Text/image → 3D: the public sampling pipeline (DESIGN.md "Public API") and the library side of ``scripts/sample.py``.
+
+    pipe = TextTo3D.from_checkpoints(prior="runs/prior_text/checkpoints/snapshot.pt",
+                                     decoder="runs/encoder_finetune/checkpoints/snapshot.pt")
+    meshes = pipe("a red cube", n=2, seed=0)                   # list[trimesh.Trimesh], sRGB vertex colours
+    result = pipe.generate("a red cube", render_views=20)       # + latents, turntable frames, timings
+
+    pipe = TextTo3D.from_checkpoints(official=True)            # released text300M + transmitter (downloaded)
+
+Steps (reference Appendix A): CLIP embedding of the prompts (or image patch grids) → Karras/Heun sampling with
+classifier-free guidance in x₀ space (:meth:`LatentDiffusion.sample_from_cond`) → latents ``[S, n_ctx, d_latent]``
+→ the transmitter decodes each latent into implicit-MLP weights → a mesh per latent:
+
+* ``decoder="stf"`` (default, as the official ``decode_latent_mesh``): Marching Cubes 33 on the SDF head's 0 level,
+  STF colour head at the vertices; turntables are renders of that mesh with the dataset lighting.
+* ``decoder="nerf"``: Marching Cubes on the NeRF (fine) density at ``nerf_density_level``, NeRF colour head at the
+  vertices; turntables are NeRF volume renders. Useful for an encoder trained only with the NeRF stage, whose SDF
+  head is untrained.
+
+The prior and the decoder must agree on the latent shape (released: ``[1024, 1024]``; tiny presets ``[128, 64]``):
+checked when the pipeline is built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shapee.cameras import orbit_cameras
+from shapee.render import stf
+
+__all__ = [
+    "DECODERS",
+    "Generation",
+    "ImageTo3D",
+    "TextTo3D",
+    "format_report",
+    "load_prior",
+    "resolve_device",
+    "sample_assets",
+    "slugify",
+]
+
+DECODERS = ("stf", "nerf")
+# Iso-level of the NeRF density mesh, in 1/world-units (objects span [-1, 1]). At σ = 10 a slab 0.07 thick (3.5 % of
+# the object's size) is 50 % opaque: the level sits where the volume render turns from see-through to solid.
+NERF_DENSITY_LEVEL = 10.0
+_PRIOR_TARGETS = ("shapee.models.LatentDiffusion", "shapee.models.latent_diffusion.LatentDiffusion")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/``None`` → ``cuda`` when available, else ``cpu``; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings belong to the step that launched it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    """A file-name-safe version of a prompt: ``"A red cube!"`` → ``"a_red_cube"`` (``"sample"`` if nothing is left)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")[:max_len].strip("_")
+    return slug or "sample"
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def load_prior(path: str | os.PathLike, *, official_name: str | None = None, device: str | torch.device = "cpu"):
+    """A :class:`~shapee.models.LatentDiffusion` (eval mode) from our snapshot, our full checkpoint (its EMA weights),
+    or a released-layout state dict (``wrapped.*`` keys; ``official_name`` = ``text300M`` / ``image300M``).
+
+    Raises:
+        FileNotFoundError: no such file. :class:`~shapee.io.CheckpointError`: unreadable, or holds another model.
+        :class:`~shapee.io.OfficialCheckpointError`: a released-layout file whose keys/shapes do not fit.
+    """
+    from hydra.utils import instantiate
+
+    from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT, CheckpointError, _safe_load
+    from shapee.io.official import load_official
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prior checkpoint {str(path)!r} does not exist (or is not a file)")
+    if path.suffix == ".safetensors":
+        if official_name is None:
+            raise CheckpointError(f"prior={str(path)!r}: a .safetensors prior must be in the released layout")
+        return load_official(official_name, path, device=device).eval()
+    obj = _safe_load(path, map_location="cpu")
+    kind = obj.get("format") if isinstance(obj, Mapping) else None
+    if kind in (SNAPSHOT_FORMAT, CHECKPOINT_FORMAT):
+        if kind == SNAPSHOT_FORMAT:
+            config, weights = obj.get("model_config"), obj.get("weights")
+        else:
+            config, weights = (obj.get("config") or {}).get("model"), obj.get("ema")
+        target = (config or {}).get("_target_")
+        if target not in _PRIOR_TARGETS:
+            raise CheckpointError(
+                f"prior={str(path)!r} holds a model with _target_={target!r}, not a shapee.models.LatentDiffusion "
+                "(give the prior's snapshot, e.g. runs/prior_text/checkpoints/snapshot.pt)"
+            )
+        model = instantiate(dict(config), _convert_="all")
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"prior={str(path)!r}: weights do not match its own model config: {e}") from e
+        return model.to(device).eval()
+    if isinstance(obj, Mapping) and any(str(k).startswith("wrapped.") for k in obj):
+        if official_name is None:
+            raise CheckpointError(f"prior={str(path)!r} is a released-layout state dict; say which (text300M/image300M)")
+        return load_official(official_name, obj, device=device).eval()
+    raise CheckpointError(
+        f"prior={str(path)!r} is neither a shapee snapshot/checkpoint nor a released text_cond.pt/image_cond.pt state "
+        f"dict (found format {kind!r})"
+    )
+
+
+def _load_decoder(path: str | os.PathLike, device: torch.device):
+    from shapee.train.extract import load_transmitter
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"decoder (transmitter) checkpoint {str(path)!r} does not exist (or is not a file)")
+    return load_transmitter(path, encoder_format="auto", device=device)
+
+
+def _to_trimesh(verts: Tensor, faces: Tensor, colors: Tensor):
+    """A mesh with 8-bit sRGB vertex colours; no surface → a plain empty ``trimesh.Trimesh`` (an empty mesh with an
+    empty colour array trips trimesh's PLY writer)."""
+    import trimesh
+
+    if faces.shape[0] == 0:
+        return trimesh.Trimesh()
+    return stf.to_trimesh(verts, faces, colors)
+
+
+# ------------------------------------------------------------------------------------------------- results
+@dataclass
+class Generation:
+    """What :meth:`TextTo3D.generate` / :meth:`ImageTo3D.generate` return, one entry per sample (prompt-major:
+    the ``n`` samples of input 0 first)."""
+
+    latents: Tensor  # [S, n_ctx, d_latent], S = inputs · n
+    meshes: list  # S trimesh.Trimesh with sRGB vertex colours (empty mesh: no surface)
+    sources: list[str]  # the prompt (text) or image label of each sample
+    frames: Tensor | None = None  # [S, V, H, W, 3] uint8 sRGB turntable renders (render_views > 0)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: clip, sampling, mesh, render
+
+
+class _To3D(ABC):
+    """Shared machinery of :class:`TextTo3D` and :class:`ImageTo3D`: a prior + a transmitter on one device."""
+
+    cond_mode = ""
+    official_prior = ""
+
+    def __init__(self, prior, decoder, *, device: str | torch.device | None = None,
+                 nerf_density_level: float = NERF_DENSITY_LEVEL) -> None:
+        if getattr(prior, "cond_mode", None) != self.cond_mode:
+            other = {"text": "TextTo3D", "image": "ImageTo3D"}.get(getattr(prior, "cond_mode", None), "?")
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.cond_mode}-conditional prior, got a "
+                f"{getattr(prior, 'cond_mode', type(prior).__name__)!r} one (use {other})"
+            )
+        encoder = getattr(decoder, "encoder", None)
+        if encoder is None or not hasattr(decoder, "decode_params"):
+            raise ValueError(f"decoder must be a shapee.models.Transmitter, got {type(decoder).__name__}")
+        decodes = (int(encoder.latent_ctx), int(encoder.d_latent))
+        if tuple(prior.latent_shape) != decodes:
+            raise ValueError(
+                f"the prior makes latents {list(prior.latent_shape)} but the decoder (transmitter) decodes latents "
+                f"{list(decodes)}: use the transmitter whose latents the prior was trained on"
+            )
+        self.device = resolve_device(device) if device is not None else prior.device
+        self.prior = prior.to(self.device).eval()
+        self.decoder = decoder.to(self.device).eval()
+        self.nerf_density_level = float(nerf_density_level)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        prior: str | os.PathLike | None = None,
+        decoder: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device = "auto",
+        official: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        offline: bool | None = None,
+    ):
+        """Build the pipeline from checkpoint files.
+
+        Args:
+            prior: our prior snapshot / full checkpoint, or (official) a released ``text_cond.pt`` / ``image_cond.pt``.
+            decoder: our transmitter snapshot / full checkpoint, or a released ``transmitter.pt``.
+            device: ``auto`` (CUDA if available), ``cpu``, ``cuda:1``, ...
+            official: with ``prior``/``decoder`` left out, take the released files from the cache (downloaded with a
+                checksum check when online; see :mod:`shapee.io.download`; ``cache_dir`` overrides
+                ``$SHAPEE_CACHE``). The released prior needs the OpenAI CLIP ViT-L/14 weights (open_clip fetches them).
+
+        Raises:
+            ValueError: a checkpoint left out (ours), mismatched prior and decoder, the wrong kind of prior.
+            FileNotFoundError / CheckpointError / EncoderLoadError / OfficialDownloadError: naming the file.
+        """
+        dev = resolve_device(device)
+        if official:
+            from shapee.io.download import fetch_official
+
+            if prior is None:
+                prior = fetch_official(cls.official_prior, directory=cache_dir, offline=offline)
+            if decoder is None:
+                decoder = fetch_official("transmitter", directory=cache_dir, offline=offline)
+        elif prior is None or decoder is None:
+            missing = " and ".join(n for n, v in (("prior", prior), ("decoder", decoder)) if v is None)
+            raise ValueError(
+                f"{cls.__name__}.from_checkpoints: {missing} not given: pass our snapshots (e.g. prior="
+                f"runs/prior_{cls.cond_mode}/checkpoints/snapshot.pt, decoder=runs/encoder_finetune/checkpoints/"
+                "snapshot.pt) or official=True for the released weights"
+            )
+        prior_model = load_prior(prior, official_name=cls.official_prior, device=dev)
+        return cls(prior_model, _load_decoder(decoder, dev), device=dev)
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    @abstractmethod
+    def _inputs(self, inputs) -> tuple[list, list[str]]:
+        """Validated inputs (a list) and a label per input (file names are made from it)."""
+
+    @abstractmethod
+    def _embed(self, inputs: list) -> Tensor:
+        """CLIP conditioning of the inputs ``[P, *cond_shape]``."""
+
+    # ------------------------------------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs,
+        *,
+        n: int = 1,
+        seed: int = 0,
+        guidance_scale: float | None = None,
+        steps: int = 64,
+        sampler: str = "karras",
+        decoder: str = "stf",
+        grid_size: int = 128,
+        render_views: int = 0,
+        render_resolution: int = 64,
+        progress: bool = False,
+    ) -> Generation:
+        """Sample ``n`` latents per input, decode each into a mesh, optionally render turntables; with timings.
+
+        Args:
+            inputs: a prompt or a list of prompts (:class:`TextTo3D`); an image or a list of images (:class:`ImageTo3D`).
+            n: samples per input. ``seed``: seeds the sampler's noise (one generator for the whole batch, so a
+                sample depends on the batch it is drawn in).
+            guidance_scale: classifier-free guidance (default: the prior's, 15 text / 3 image for the released).
+            steps: sampler steps (64 as the notebooks). ``sampler``: ``karras`` (Heun), ``ddim``, ``ancestral``.
+            decoder: ``stf`` (SDF mesh, mesh renders) or ``nerf`` (density mesh, volume renders).
+            grid_size: marching-cubes grid (128³ as released).
+            render_views, render_resolution: turntable frames per sample (0: none) and their size.
+        """
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        for name, value, low in (("n", n, 1), ("steps", steps, 1), ("grid_size", grid_size, 2),
+                                 ("render_views", render_views, 0), ("render_resolution", render_resolution, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        items, labels = self._inputs(inputs)
+        timings: dict[str, float] = {}
+
+        t = time.perf_counter()
+        cond = self._embed(items)  # [P, *cond_shape]
+        _sync(self.device)
+        timings["clip"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        generator = torch.Generator(self.device).manual_seed(int(seed))
+        latents = self.prior.sample_from_cond(
+            cond, n=n, guidance_scale=guidance_scale, steps=steps, sampler=sampler, generator=generator,
+            progress=progress,
+        )  # [P·n, n_ctx, d_latent]
+        _sync(self.device)
+        timings["sampling"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        raw = self.extract_meshes(latents, decoder=decoder, grid_size=grid_size)  # S × (verts, faces, colours)
+        meshes = [_to_trimesh(v, f, c) for v, f, c in raw]
+        _sync(self.device)
+        timings["mesh"] = time.perf_counter() - t
+
+        frames = None
+        if render_views > 0:
+            t = time.perf_counter()
+            frames = self.render_turntables(latents, raw, decoder=decoder, views=render_views,
+                                            resolution=render_resolution)
+            _sync(self.device)
+            timings["render"] = time.perf_counter() - t
+        sources = [label for label in labels for _ in range(n)]
+        return Generation(latents=latents, meshes=meshes, sources=sources, frames=frames, timings=timings)
+
+    def __call__(self, inputs, n: int = 1, seed: int = 0, guidance_scale: float | None = None, steps: int = 64,
+                 decoder: str = "stf", **kwargs) -> list:
+        """Meshes (``list[trimesh.Trimesh]``, ``n`` per input, prompt-major); see :meth:`generate`."""
+        return self.generate(inputs, n=n, seed=seed, guidance_scale=guidance_scale, steps=steps, decoder=decoder,
+                             **kwargs).meshes
+
+    @torch.no_grad()
+    def extract_meshes(
+        self, latents: Tensor, *, decoder: str = "stf", grid_size: int = 128
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Latents ``[S, n_ctx, d]`` → per sample ``(verts [V, 3], faces [F, 3], sRGB colours [V, 3])`` (V = 0: no
+        surface). ``stf``: SDF 0-level + STF colours; ``nerf``: fine density at ``nerf_density_level`` + NeRF colours."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        latents = latents.to(self.device)
+        params = self.decoder.decode_params(latents)
+        if decoder == "stf":
+            level, density_key, rgb_key = 0.0, "sdf", "stf_rgb"  # SDF: positive inside (DESIGN.md)
+        else:
+            level, density_key, rgb_key = self.nerf_density_level, "density_fine", "nerf_rgb_fine"
+
+        def inside(points: Tensor) -> Tensor:  # [S, P, 3] -> [S, P], positive inside: MC extracts its 0 level
+            return self.decoder.query(params, points)[density_key] - level
+
+        def rgb(points: Tensor) -> Tensor:  # [S, P, 3] -> [S, P, 3] sRGB
+            return self.decoder.query(params, points)[rgb_key]
+
+        field = stf.query_grid(inside, latents.shape[0], grid_size, device=self.device)  # [S, G, G, G]
+        # A border of "outside" closes every mesh: −1 for the SDF (tanh-bounded, as stf.pad_grid), 0 − level for the
+        # density (empty space has density 0). The bounds grow by one voxel so vertices keep their world positions.
+        h = 2.0 / (grid_size - 1)
+        field = torch.nn.functional.pad(field, (1, 1, 1, 1, 1, 1), value=-1.0 if decoder == "stf" else -level)
+        meshes = stf.extract_meshes(field, (-1.0 - h, 1.0 + h), pad=False)
+        colors = stf.query_vertex_colors(rgb, [v for v, _ in meshes])
+        return [(v, f, c.clamp(0, 1)) for (v, f), c in zip(meshes, colors)]
+
+    @torch.no_grad()
+    def render_turntables(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *,
+                          decoder: str = "stf", views: int = 20, resolution: int = 64) -> Tensor:
+        """Turntable frames ``[S, V, H, W, 3]`` uint8 sRGB on black, seen by the official notebooks' pan cameras
+        (:func:`shapee.cameras.orbit_cameras`).
+
+        ``stf``: the meshes of :meth:`extract_meshes` rendered with the dataset lighting by the data renderer
+        (:func:`shapee.data.render.render_views`: Embree ray casting on CPU — PyTorch3D's CPU rasteriser is naive,
+        ~500× slower on a 67k-face mesh — and PyTorch3D on CUDA); a mesh without surface gives black frames.
+        ``nerf``: deterministic NeRF volume renders of the latents.
+        """
+        cameras = orbit_cameras(views, resolution=resolution, device=self.device)
+        if decoder == "nerf":
+            rgb = self.decoder.render_nerf(latents.to(self.device), cameras, deterministic=True)["rgb"]
+            return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [S, V, H, W, 3]
+        from shapee.data.mesh import Mesh
+        from shapee.data.render import render_views
+
+        frames = torch.zeros(len(meshes), views, resolution, resolution, 3, dtype=torch.uint8)  # [S, V, H, W, 3]
+        for s, (verts, faces, colors) in enumerate(meshes):  # a loop over samples, not pixels
+            if faces.shape[0] == 0:
+                continue
+            faces_np = faces.cpu().numpy()
+            mesh = Mesh(vertices=verts.cpu().numpy(), faces=faces_np,
+                        corner_colors=colors.cpu().numpy()[faces_np], color_source="vertex")  # [F, 3, 3] sRGB
+            rgb = render_views(mesh, cameras, backend="auto", outputs=("rgb",))["rgb"]  # [V, H, W, 3] float32
+            frames[s] = torch.from_numpy((rgb.clip(0, 1) * 255).round().astype("uint8"))
+        return frames
+
+
+class TextTo3D(_To3D):
+    """Text → 3D: a text-conditional :class:`~shapee.models.LatentDiffusion` + a :class:`~shapee.models.Transmitter`.
+
+    ``TextTo3D.from_checkpoints(prior=..., decoder=...)("a red cube", n=2)`` → two ``trimesh.Trimesh``.
+    """
+
+    cond_mode = "text"
+    official_prior = "text300M"
+
+    def _inputs(self, inputs) -> tuple[list[str], list[str]]:
+        prompts = [inputs] if isinstance(inputs, str) else list(inputs) if isinstance(inputs, Sequence) else None
+        if not prompts:
+            raise ValueError(f"prompt must be a non-empty string or a list of them, got {inputs!r}")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompt {i} ({prompt!r}) is empty: give a description such as 'a red cube'")
+        return prompts, prompts
+
+    def _embed(self, prompts: list[str]) -> Tensor:
+        return self.prior.embed_prompts(prompts)  # [P, cond_dim]
+
+
+class ImageTo3D(_To3D):
+    """Image → 3D: an image-conditional :class:`~shapee.models.LatentDiffusion` + a :class:`~shapee.models.Transmitter`.
+
+    Inputs: an image or a list of them; each a file path, a PIL image, or a ``[H, W, 3]`` array/tensor.
+    """
+
+    cond_mode = "image"
+    official_prior = "image300M"
+
+    def _inputs(self, inputs) -> tuple[list, list[str]]:
+        return _image_inputs(inputs)
+
+    def _embed(self, images: list) -> Tensor:
+        return self.prior.embed_images(images)  # [P, tokens, dim]
+
+
+def _image_inputs(inputs) -> tuple[list, list[str]]:
+    """Images → (list, labels); a path that does not exist raises ``FileNotFoundError`` naming it."""
+    single = isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "convert") or (
+        hasattr(inputs, "ndim") and inputs.ndim == 3)
+    images = [inputs] if single else list(inputs) if inputs is not None else []
+    if not images:
+        raise ValueError("image must be an image (path, PIL image, [H, W, 3] array) or a non-empty list of them")
+    labels = []
+    for i, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            if not Path(image).is_file():
+                raise FileNotFoundError(f"image {i}: image file {str(image)!r} does not exist")
+            labels.append(Path(image).stem)
+        else:
+            labels.append(f"image{i}")
+    return images, labels
+
+
+# ------------------------------------------------------------------------------------------ scripts/sample.py
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    return list(value)
+
+
+def _atomic_save_latent(latent: Tensor, path: Path, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"latent": latent.detach().float().cpu().contiguous()}, tmp, metadata=metadata)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp (and safetensors) leave 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Sample, decode and export assets as ``scripts/sample.py`` does (``configs/sample.yaml``).
+
+    Per sample ``i`` of an input: ``<out>/<slug>_<i>.glb`` / ``.ply`` (``formats``), ``<slug>_<i>.gif`` (turntable,
+    ``render_views > 0``) and ``<slug>_<i>_latent.safetensors`` (``latent`` ``[n_ctx, d_latent]`` float32 + the
+    prompt, seed and settings as metadata); ``slug`` is the prompt's (or the image file's stem) in file-name form.
+
+    Returns ``{"files": [per sample {"source", "mesh_files", "gif", "latent"}], "timings": {part: seconds},
+    "out": folder}``.
+
+    Raises:
+        ValueError: no/both/empty prompt and image, bad options. FileNotFoundError: a missing image or checkpoint.
+        CheckpointError / EncoderLoadError / OfficialDownloadError: a checkpoint that cannot be used, naming it.
+    """
+    from shapee.io.gif import write_gif
+    from shapee.io.mesh import MESH_FORMATS, export_mesh
+
+    cfg = dict(cfg)
+    prompts, images = _as_list(cfg.get("prompt")), _as_list(cfg.get("image"))
+    if bool(prompts) == bool(images):
+        raise ValueError('give exactly one of prompt="a red cube" (or a list of prompts) and image=<path>')
+    checkpoint = cfg.get("checkpoint", "ours")
+    if checkpoint not in ("ours", "official"):
+        raise ValueError(f"checkpoint must be 'ours' or 'official', got {checkpoint!r}")
+    formats = ["." + str(f).lower().lstrip(".") for f in _as_list(cfg.get("formats", ["glb", "ply"]))]
+    unknown = [f for f in formats if f not in MESH_FORMATS]
+    if unknown:
+        raise ValueError(f"formats {unknown} are not mesh formats; supported: {list(MESH_FORMATS)}")
+    if cfg.get("out") in (None, ""):
+        raise ValueError("out=<folder> is required")
+    out = Path(cfg["out"])
+    pipeline_cls = TextTo3D if prompts else ImageTo3D
+    inputs = prompts if prompts else images
+    if images:
+        _image_inputs(images)  # missing image files fail here, before minutes of model loading
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    pipe = pipeline_cls.from_checkpoints(
+        prior=cfg.get("prior"), decoder=cfg.get("transmitter"), device=cfg.get("device", "auto"),
+        official=checkpoint == "official", cache_dir=cfg.get("cache_dir"),
+    )
+    timings["load"] = time.perf_counter() - t
+    generation = pipe.generate(
+        inputs, n=int(cfg.get("n", 1)), seed=int(cfg.get("seed", 0)), guidance_scale=cfg.get("guidance_scale"),
+        steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), decoder=cfg.get("decoder", "stf"),
+        grid_size=int(cfg.get("grid_size", 128)), render_views=int(cfg.get("render_views", 20)),
+        render_resolution=int(cfg.get("render_resolution", 64)), progress=bool(cfg.get("progress", False)),
+    )
+    timings.update(generation.timings)
+
+    t = time.perf_counter()
+    files, counters = [], {}
+    for s, (source, mesh) in enumerate(zip(generation.sources, generation.meshes)):
+        slug = slugify(source)
+        i = counters[slug] = counters.get(slug, -1) + 1  # same slug twice (repeated prompt): numbering goes on
+        stem = out / f"{slug}_{i}"
+        entry: dict[str, Any] = {"source": str(source), "vertices": len(mesh.vertices), "faces": len(mesh.faces)}
+        entry["mesh_files"] = [str(export_mesh(mesh, stem.with_suffix(fmt))) for fmt in formats]
+        if generation.frames is not None:
+            entry["gif"] = str(write_gif(generation.frames[s].numpy(), stem.with_suffix(".gif"),
+                                         fps=float(cfg.get("gif_fps", 10))))
+        metadata = {"source": str(source), "seed": str(cfg.get("seed", 0)), "sample_index": str(s),
+                    "steps": str(cfg.get("steps", 64)), "guidance_scale": str(cfg.get("guidance_scale")),
+                    "checkpoint": str(checkpoint), "prior": str(cfg.get("prior")),
+                    "transmitter": str(cfg.get("transmitter"))}
+        entry["latent"] = str(_atomic_save_latent(generation.latents[s], out / f"{slug}_{i}_latent.safetensors",
+                                                  metadata))
+        files.append(entry)
+    timings["export"] = time.perf_counter() - t
+    return {"out": str(out), "files": files, "timings": timings, "device": str(pipe.device)}
+
+
+def format_report(summary: Mapping[str, Any]) -> str:
+    """The text ``scripts/sample.py`` prints: the files per sample and a timing table."""
+    lines = []
+    for entry in summary["files"]:
+        lines.append(f"{entry['source']!r}: {entry['vertices']} vertices, {entry['faces']} faces")
+        for path in [*entry["mesh_files"], entry.get("gif"), entry["latent"]]:
+            if path:
+                lines.append(f"  wrote {path}")
+    names = {"load": "load checkpoints", "clip": "CLIP", "sampling": "sampling", "mesh": "decoding (mesh)",
+             "render": "decoding (turntable)", "export": "export"}
+    timings = summary["timings"]
+    width = max(len(v) for v in names.values())
+    lines.append(f"timings on {summary.get('device', '?')}:")
+    for key, label in names.items():
+        if key in timings:
+            lines.append(f"  {label:<{width}}  {timings[key]:8.2f} s")
+    total = sum(v for v in timings.values() if math.isfinite(v))
+    lines.append(f"  {'total':<{width}}  {total:8.2f} s")
+    return "\n".join(lines)
