@@ -57,7 +57,8 @@ def _expected_latents(records, encoder_path, seed=0):
     """The eval-mode encoder on all records as one batch, with the generator extraction seeds (rank 0)."""
     model = load_transmitter(encoder_path)
     assert not model.training and not model.encoder.bottleneck.training
-    dataset = AssetDataset(records, load_targets=False, load_sdf=False, n_points=1024, n_views=4)
+    enc = model.encoder  # what extraction feeds the encoder: its own number of points and views
+    dataset = AssetDataset(records, load_targets=False, load_sdf=False, n_points=enc.n_points, n_views=enc.n_views)
     batch = collate_assets([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         latent = model.encoder(batch, generator=torch.Generator().manual_seed(seed))
