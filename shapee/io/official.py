@@ -154,6 +154,53 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], state_dict: Mappin
         raise OfficialCheckpointError("\n".join(parts))
 
 
+def adopt_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    name: str,
+    to_official: Callable[[str], str] = lambda key: key,
+    from_official: Callable[[str], str | None] = lambda key: key,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+) -> nn.Module:
+    """Load an official-layout ``state_dict`` strictly into ``model`` (built on the meta device) by adopting its
+    tensors (``assign=True``: no random init, no second copy), cast to ``dtype`` (``None`` keeps the file's) and
+    moved to ``device``. ``to_official`` / ``from_official`` map our key names to the file's and back.
+
+    Raises:
+        OfficialCheckpointError: keys or shapes differ (every offending key listed), or a value is not a tensor.
+    """
+    expected = {to_official(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict(expected, state_dict, name=name)
+    ours = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise OfficialCheckpointError(f"{name}: {key} is a {type(value).__name__}, not a tensor")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        ours[from_official(key)] = value.to(device) if device is not None else value
+    model.load_state_dict(ours, strict=True, assign=True)
+    return model
+
+
+def write_state_dict(state_dict: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+    """Write a plain tensor dict atomically: ``.safetensors`` by suffix, else ``torch.save`` (loadable with
+    ``weights_only=True``). Returns the path."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp))
+    else:
+        torch.save(sd, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ load / save
 def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     if isinstance(path_or_state_dict, Mapping):
@@ -190,27 +237,15 @@ def transmitter_modules_from_state_dict(
 
     with torch.device("meta"):
         modules = Transmitter(encoder=encoder_kwargs, mlp=mlp_kwargs, params_proj=params_proj_kwargs)
-    expected = {_to_official_key(k): tuple(v.shape) for k, v in modules.state_dict().items()}
-    check_state_dict(expected, state_dict, name="transmitter")
-    ours = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            raise OfficialCheckpointError(f"{key} is a {type(value).__name__}, not a tensor")
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        ours[_from_official_key(key)] = value.to(device) if device is not None else value
-    modules.load_state_dict(ours, strict=True, assign=True)
-    return modules
+    return adopt_state_dict(
+        modules, state_dict, name="transmitter", to_official=_to_official_key, from_official=_from_official_key,
+        device=device, dtype=dtype,
+    )
 
 
 def save_official_transmitter(modules: TransmitterModules, path: str | os.PathLike) -> None:
-    """Write ``modules`` in the official transmitter layout (``torch.save`` of a plain tensor dict)."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in to_official_state_dict(modules).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, path)
+    """Write ``modules`` in the official transmitter layout (a plain tensor dict), atomically."""
+    write_state_dict(to_official_state_dict(modules), path)
 
 
 # name → loader(state_dict, **kwargs); the priors (text300M, image300M) are registered by their own module.

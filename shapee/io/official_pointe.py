@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from shapee.io.official import OFFICIAL_LOADERS, OfficialCheckpointError, check_state_dict
+from shapee.io.official import OFFICIAL_LOADERS, OfficialCheckpointError, adopt_state_dict, write_state_dict
 from shapee.models.pointe_sdf import PointESDF
 
 
@@ -66,16 +66,7 @@ def pointe_sdf_from_state_dict(
     """
     with torch.device("meta"):
         model = PointESDF(**model_kwargs)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_dict(expected, state_dict, name="Point-E sdf")
-    tensors = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            raise OfficialCheckpointError(f"{key} is a {type(value).__name__}, not a tensor")
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        tensors[key] = value.to(device) if device is not None else value
-    model.load_state_dict(tensors, strict=True, assign=True)
+    adopt_state_dict(model, state_dict, name="Point-E sdf", device=device, dtype=dtype)
     return model.eval()
 
 
@@ -89,12 +80,7 @@ def load_official_pointe_sdf(
 
 def save_official_pointe_sdf(model: PointESDF, path: str | os.PathLike) -> None:
     """Write ``model`` in the official ``sdf.pt`` layout (``torch.save`` of a plain CPU tensor dict), atomically."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, path)
+    write_state_dict(model.state_dict(), path)
 
 
 OFFICIAL_LOADERS.setdefault("pointe_sdf", pointe_sdf_from_state_dict)

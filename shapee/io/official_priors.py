@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from shapee.io.official import OFFICIAL_LOADERS, OfficialCheckpointError, check_state_dict
+from shapee.io.official import OFFICIAL_LOADERS, adopt_state_dict, write_state_dict
 
 if TYPE_CHECKING:
     from shapee.models.latent_diffusion import LatentDiffusion
@@ -103,34 +103,17 @@ def prior_from_state_dict(
     """
     with torch.device("meta"):
         model = _build(name, **model_kwargs)
-    expected = {_to_official_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_dict(expected, state_dict, name=name)
-    ours = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            raise OfficialCheckpointError(f"{name}: {key} is a {type(value).__name__}, not a tensor")
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        ours[_from_official_key(key)] = value.to(device) if device is not None else value
-    model.load_state_dict(ours, strict=True, assign=True)
+    adopt_state_dict(
+        model, state_dict, name=name, to_official=_to_official_key, from_official=_from_official_key,
+        device=device, dtype=dtype,
+    )
     return model.eval()
 
 
 def save_official_prior(model: "LatentDiffusion", path: str | os.PathLike) -> Path:
     """Write ``model``'s denoiser in the official ``wrapped.*`` layout, atomically (``.safetensors`` by suffix,
     else ``torch.save`` of a plain tensor dict, loadable with ``weights_only=True``)."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in to_official_prior_state_dict(model).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(sd, str(tmp))
-    else:
-        torch.save(sd, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_state_dict(to_official_prior_state_dict(model), path)
 
 
 def load_official_prior(name: str, path_or_state_dict, **kwargs) -> "LatentDiffusion":
