@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from shapee.data.records import AssetRecord, read_manifests, read_record
+from shapee.data.records import AssetRecord, read_manifests, read_record, select_assets
 
 
 class AssetDataset(Dataset):
@@ -60,12 +60,7 @@ class AssetDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"AssetDataset root {str(self.root)!r}: no such folder")
-        entries = read_manifests(self.root)
-        if asset_ids is not None:
-            missing = sorted(set(asset_ids) - set(entries))
-            if missing:
-                raise KeyError(f"AssetDataset: asset_ids not in {self.root}: {missing[:5]}{'...' if len(missing) > 5 else ''}")
-            entries = {k: entries[k] for k in asset_ids}
+        entries = select_assets(read_manifests(self.root), asset_ids, what="AssetDataset", root=self.root)
         if not entries:
             raise ValueError(f"AssetDataset root {str(self.root)!r}: no records (no manifest*.jsonl lines with a record)")
         self.records: list[AssetRecord] = [entries[k] for k in sorted(entries)]

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from shapee.data.records import append_jsonl, read_jsonl, shard_suffix
+from shapee.data.records import append_jsonl, read_jsonl, select_assets, shard_suffix
 
 FORMAT_VERSION = 1
 LATENTS_DIR = "latents"
@@ -196,12 +196,7 @@ class LatentDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"LatentDataset root {str(self.root)!r}: no such folder")
-        entries = read_latent_manifests(self.root)
-        if asset_ids is not None:
-            missing = sorted(set(asset_ids) - set(entries))
-            if missing:
-                raise KeyError(f"LatentDataset: asset_ids not in {self.root}: {missing[:5]}")
-            entries = {k: entries[k] for k in asset_ids}
+        entries = select_assets(read_latent_manifests(self.root), asset_ids, what="LatentDataset", root=self.root)
         if not entries:
             raise ValueError(
                 f"LatentDataset root {str(self.root)!r}: no latent records (no manifest*.jsonl line with its file); "

@@ -279,6 +279,17 @@ def write_jsonl_atomic(path: str | os.PathLike, entries: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def select_assets(entries: dict, asset_ids, *, what: str, root) -> dict:
+    """``entries`` (asset id → manifest entry) restricted to ``asset_ids`` in that order, or all when ``None``;
+    a KeyError names the ids that ``root`` does not hold (``what``: the dataset's name, for the message)."""
+    if asset_ids is None:
+        return entries
+    missing = sorted(set(asset_ids) - set(entries))
+    if missing:
+        raise KeyError(f"{what}: asset_ids not in {root}: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return {k: entries[k] for k in asset_ids}
+
+
 def read_manifests(root: str | os.PathLike, require_record: bool = True) -> dict[str, AssetRecord]:
     """All ``manifest*.jsonl`` lines under ``root`` as ``{asset_id: AssetRecord}`` (a later line wins).
 
