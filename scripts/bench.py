@@ -1,11 +1,17 @@
-"""Benchmarks: ``python scripts/bench.py <name> [options]``; prints a table and writes JSON.
+"""Benchmarks: ``python scripts/bench.py [<name>] [options]``; prints a table and writes JSON.
 
+    python scripts/bench.py                       # = all: every benchmark below, sized for this machine
+    python scripts/bench.py all [--quick] [--json runs/bench/all.json]
     python scripts/bench.py prepare_data [--asset mesh.obj ...] [--repeats 3] [--warmup 1] [--set views=2 ...]
         [--json runs/bench/prepare_data.json]
     python scripts/bench.py marching_cubes [--grid 128] [--threads 1] [--device cuda]
     python scripts/bench.py latent_to_mesh [--grid 128] [--repeats 1] [--warmup 0]
     python scripts/bench.py encoder [--batch-size 1] [--no-backward] [--checkpoint] [--precision auto|bf16|fp32]
         [--repeats 3] [--warmup 1] [--json runs/bench/encoder.json]
+    python scripts/bench.py nerf [--precision auto|bf16|fp32]           # rays/s, seconds per 64² view
+    python scripts/bench.py denoiser [--batch-size 2] [--cond text|image] [--compile]
+    python scripts/bench.py prompt_to_mesh [--steps 64] [--guidance 15] [--grid 128]
+    python scripts/bench.py train [--model encoder|prior] [--preset tiny|official] [--batch-size N] [--stage nerf]
 
 Add a benchmark: a function in ``shapee/benchmarks/<name>.py`` returning a JSON-ready dict and a sub-command here.
 """
@@ -76,9 +82,64 @@ def cmd_latent_to_mesh(args: argparse.Namespace) -> None:
     _write(r, args.json or "runs/bench/latent_to_mesh.json")
 
 
+def cmd_nerf(args: argparse.Namespace) -> None:
+    from shapee.benchmarks.encoder import bench_nerf
+    from shapee.benchmarks.suite import format_nerf
+
+    r = bench_nerf(precision=args.precision, repeats=args.repeats, warmup=args.warmup, device=args.device)
+    print(format_nerf(r))
+    _write(r, args.json or "runs/bench/nerf.json")
+
+
+def cmd_denoiser(args: argparse.Namespace) -> None:
+    from shapee.benchmarks.denoiser import bench_denoiser, format_denoiser_table
+
+    r = bench_denoiser(batch_size=args.batch_size, cond=args.cond, precision=args.precision, device=args.device,
+                       repeats=args.repeats, warmup=args.warmup, compile=args.compile)
+    print(format_denoiser_table(r))
+    _write(r, args.json or "runs/bench/denoiser.json")
+
+
+def cmd_prompt_to_mesh(args: argparse.Namespace) -> None:
+    from shapee.benchmarks.pipeline import bench_prompt_to_mesh, format_prompt_to_mesh
+
+    r = bench_prompt_to_mesh(steps=args.steps, guidance_scale=args.guidance, grid_size=args.grid,
+                             precision=args.precision, repeats=args.repeats, warmup=args.warmup, device=args.device)
+    print(format_prompt_to_mesh(r))
+    _write(r, args.json or "runs/bench/prompt_to_mesh.json")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from shapee.benchmarks.training import bench_training, format_training_table
+
+    models = ["encoder", "prior"] if args.model == "both" else [args.model]
+    results = [bench_training(m, preset=args.preset, batch_size=args.batch_size, stage=args.stage,
+                              precision=args.precision, checkpoint=args.checkpoint, repeats=args.repeats,
+                              warmup=args.warmup, device=args.device) for m in models]
+    print(format_training_table(results))
+    _write({"train": results}, args.json or "runs/bench/train.json")
+
+
+def cmd_all(args: argparse.Namespace) -> None:
+    from shapee.benchmarks.suite import format_suite, run_suite
+
+    result = run_suite(quick=args.quick, device=args.device, log=print)
+    print()
+    print(format_suite(result))
+    _write(result, args.json or "runs/bench/all.json")
+    if result["failed"]:
+        raise SystemExit(f"bench: {len(result['failed'])} benchmark(s) failed: {', '.join(result['failed'])}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="name", required=True)
+    sub = parser.add_subparsers(dest="name")
+
+    p = sub.add_parser("all", help="every benchmark, sized for this machine (the default with no name)")
+    p.add_argument("--quick", action="store_true", help="fewest repeats and the smallest sizes that still say something")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_all)
 
     p = sub.add_parser("prepare_data", help="seconds per asset of scripts/prepare_data.py, split by step")
     p.add_argument("--asset", action="append", help="mesh file (repeatable); default: shared/assets/good/capsule.obj")
@@ -118,7 +179,50 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_encoder)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("nerf", help="NeRF rendering of the released-size MLP: rays/s, seconds per 64² view")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_nerf)
+
+    p = sub.add_parser("denoiser", help="one forward of the released-size prior denoiser (text300M / image300M)")
+    p.add_argument("--batch-size", type=int, default=2, help="2 = one prompt with guidance")
+    p.add_argument("--cond", default="text", choices=["text", "image"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_denoiser)
+
+    p = sub.add_parser("prompt_to_mesh", help="prompt → 128³ mesh latency at released sizes: CLIP, sampling, decoding")
+    p.add_argument("--steps", type=int, default=64, help="Karras steps (fewer on CPU: the 64-step time is estimated)")
+    p.add_argument("--guidance", type=float, default=15.0)
+    p.add_argument("--grid", type=int, default=128)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_prompt_to_mesh)
+
+    p = sub.add_parser("train", help="training throughput (assets/s, latents/s), peak memory, MFU on GPU")
+    p.add_argument("--model", default="both", choices=["encoder", "prior", "both"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "official"])
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8/4 encoder, 32/16 prior (tiny/official)")
+    p.add_argument("--stage", default="nerf", choices=["nerf", "distill", "finetune"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--checkpoint", action="store_true", help="activation checkpointing")
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_train)
+
+    args = parser.parse_args(argv if argv is not None else (sys.argv[1:] or ["all"]))
     args.func(args)
 
 

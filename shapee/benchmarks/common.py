@@ -1,0 +1,117 @@
+"""What every benchmark shares: device choice, timing (warm-up, repeats, medians; CUDA events), memory, machine
+description, model FLOP counting and the device's bf16 peak for model FLOP utilisation (MFU).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+# Dense bf16 tensor-core peak of a device, FLOP/s, by a substring of ``torch.cuda.get_device_name`` (vendor data
+# sheets, without sparsity). Longest match wins, so "H100 PCIe" is not read as "H100".
+BF16_PEAK_FLOPS = {
+    "H200": 989.4e12,
+    "H100": 989.4e12,  # SXM5
+    "H100 PCIe": 756.0e12,
+    "H100 NVL": 835.0e12,
+    "GH200": 989.4e12,
+    "A100": 312.0e12,
+    "L40S": 362.0e12,
+    "L4": 121.0e12,
+    "A10G": 70.0e12,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` → CUDA when present, else CPU."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones; CUDA timed with events."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    """``{"seconds_median", "seconds"}`` of a list of timings."""
+    return {"seconds_median": statistics.median(times), "seconds": [round(t, 5) for t in times]}
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident set so far (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Start a peak-memory measurement; returns the CPU peak RSS so far (for :func:`peak_memory`)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak_rss_gb()
+
+
+def peak_memory(device: torch.device, rss_before_gb: float) -> dict:
+    """Peak memory since :func:`reset_peak_memory`: CUDA max allocated, or the process's peak RSS on CPU (which only
+    grows, so a CPU number includes everything the process held before)."""
+    if device.type == "cuda":
+        return {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1024**3, "memory_kind": "cuda max allocated"}
+    peak = peak_rss_gb()
+    return {"peak_memory_gb": peak, "peak_growth_gb": max(0.0, peak - rss_before_gb),
+            "memory_kind": "process peak RSS (CPU)"}
+
+
+def machine(device: torch.device) -> dict:
+    """Where a benchmark ran: device name, torch threads and version, platform."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "platform": platform.platform(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak (FLOP/s) from :data:`BF16_PEAK_FLOPS`; ``None`` on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    matches = [key for key in BF16_PEAK_FLOPS if key in name]
+    return BF16_PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Model FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward if ``fn`` runs
+    it), counted by ``torch.utils.flop_counter`` as they run, 2 FLOPs per multiply-add. Under activation
+    checkpointing the recomputed forward is counted too (hardware rather than model FLOPs): measure MFU without it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
