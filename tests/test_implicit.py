@@ -145,3 +145,29 @@ def test_mlp_bad_inputs():
         mlp(params, torch.rand(3, 7, 3))
     with pytest.raises(ValueError, match="directions"):
         mlp(params, torch.rand(2, 7, 3), torch.rand(2, 6, 3))
+
+
+def test_mlp_without_directions_skips_the_zero_direction_columns():
+    """Release size, fp32: the direction-less forward (direction weight columns skipped) equals the explicit zero
+    encoding concatenated (naive_mlp), and does not read those columns at all."""
+    mlp = NeRSTFMLP()
+    params = {k: v.float() for k, v in _params(mlp, 2).items()}
+    points = torch.rand(2, 300, 3) * 2 - 1
+    with torch.no_grad():
+        out = mlp(params, points)
+        for b in range(2):
+            ref = naive_mlp(mlp, {k: v[b] for k, v in params.items()}, points[b])
+            for key in ref:
+                torch.testing.assert_close(out[key][b], ref[key], rtol=0, atol=1e-6)
+        mlp.mlp[4].weight[:, 256:] = float("nan")  # the 51 direction columns
+        assert torch.equal(mlp(params, points)["sdf"], out["sdf"])
+        with_dirs = mlp(params, points, F.normalize(torch.randn(2, 300, 3), dim=-1))["sdf"]
+        assert bool(with_dirs.isnan().all())  # with directions the columns are used
+    # With a graph recorded (training), the in-place swish is off and gradients are those of the naive graph.
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    mlp.mlp[4].weight.data[:, 256:] = 0.0
+    mlp(params, points)["sdf"].sum().backward()
+    expected = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    sum(naive_mlp(mlp, {k: v[b] for k, v in expected.items()}, points[b])["sdf"].sum() for b in range(2)).backward()
+    for k in params:
+        torch.testing.assert_close(params[k].grad, expected[k].grad, rtol=1e-4, atol=1e-6)

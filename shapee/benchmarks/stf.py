@@ -1,19 +1,25 @@
 """Benchmark of latent → mesh (what ``sample.py`` does per asset): seconds per step at a 128³ grid.
 
-Steps, as :func:`shapee.render.stf.latent_to_mesh` runs them: ``decode`` (params projection), ``grid`` (the SDF at
-G³ points through the implicit MLP), ``mc`` (pad + Marching Cubes 33), ``colors`` (the STF colour at the vertices),
-``trimesh`` (building the ``trimesh.Trimesh``), ``total``.
+Steps, as :func:`shapee.render.stf.latent_to_mesh` runs them: ``decode`` (params projection), ``grid`` (the SDF on
+the G³ grid through the implicit MLP: by default only near the zero level,
+:func:`~shapee.render.stf.query_grid_narrow_band`; ``dense=True`` queries all G³ points), ``mc`` (pad + Marching
+Cubes 33), ``colors`` (the STF colour at the vertices), ``trimesh`` (building the ``trimesh.Trimesh``), ``total``.
+The one-time costs of a process (``import trimesh`` ~0.5 s, generating the MC33 tables ~0.5 s; a run without
+``warmup`` used to count them in ``trimesh`` and ``mc``) are paid before timing and reported as ``import_trimesh_s``
+and ``mc_tables_s``.
 
 The default model is the release-size decoding path (params projection 1024 × 1024 latent → MLP weights, NeRSTF MLP
 of width 256) with random weights, behind a minimal encoder that the benchmark never runs. A randomly initialised
 SDF head is ≈ −0.1 everywhere (no surface), which would make marching cubes and the colour query trivially cheap;
 so by default a sphere of radius ``sphere_radius`` is added to the network's SDF, giving a mesh of realistic size
-(≈ 2.4·10⁴ faces at 128³ for the effective radius 0.4) while every grid point still goes through the full MLP.
+(≈ 2.4·10⁴ faces at 128³ for the effective radius 0.4; its narrow band is ≈ 1.7·10⁵ of the 2.1·10⁶ grid points),
+while every queried point still goes through the full MLP.
 Pass ``sphere_radius=None`` with a trained transmitter to time it as it is.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import statistics
@@ -39,15 +45,19 @@ def bench_latent_to_mesh(
     repeats: int = 3,
     warmup: int = 1,
     sphere_radius: float | None = 0.5,
-    chunk: int | None = 2**16,
+    chunk: int | None | str = "auto",
+    dense: bool = False,
     device: str | None = None,
     seed: int = 0,
 ) -> dict:
     """Time latent → coloured mesh ``repeats`` times (after ``warmup`` untimed runs); returns a JSON-ready dict.
 
     ``transmitter``: anything with ``decode_params``/``query`` and ``encoder.latent_ctx``/``d_latent`` (default:
-    release-size decoder with random weights, see module docstring). Result: ``median`` seconds per step, ``runs``
-    (all timed runs), ``vertices``/``faces`` of the first mesh, ``settings``, ``machine``.
+    release-size decoder with random weights, see module docstring). ``dense``: query the full grid instead of the
+    narrow band (same mesh, the pre-narrow-band cost); ``chunk``: points per MLP call (``"auto"``: per device).
+    Result: ``median`` seconds per step, ``median_cpu`` process CPU-seconds per step (all threads), ``runs`` (all
+    timed runs), ``queries`` (SDF points queried per run), ``vertices``/``faces`` of the first mesh, ``settings``,
+    ``machine``.
     """
     import torch
 
@@ -64,27 +74,40 @@ def bench_latent_to_mesh(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def run() -> tuple[dict, list]:
-        times = {}
+    # One-time costs of a process, kept out of the per-asset steps (a run without warmup used to count them in
+    # ``trimesh`` and ``mc``): importing trimesh, and generating the MC33 tables (on a grid of one empty cube).
+    t_setup = time.perf_counter()
+    importlib.import_module("trimesh")
+    import_trimesh_s = time.perf_counter() - t_setup
+    t_setup = time.perf_counter()
+    stf.extract_meshes(torch.zeros(1, 2, 2, 2, device=device))
+    mc_tables_s = time.perf_counter() - t_setup
+    queries = []
+
+    def run() -> tuple[dict, dict, list]:
+        times, cpu_times = {}, {}
+        queries.clear()
         with torch.no_grad():
             sync()
             t0 = t = time.perf_counter()
+            c0 = c = time.process_time()
 
             def lap(name):
-                nonlocal t
+                nonlocal t, c
                 sync()
-                now = time.perf_counter()
-                times[name] = now - t
-                t = now
+                now, cpu_now = time.perf_counter(), time.process_time()
+                times[name], cpu_times[name] = now - t, cpu_now - c
+                t, c = now, cpu_now
 
             params = model.decode_params(latent)
             lap("decode")
 
             def sdf_fn(points):
+                queries.append(points.shape[0] * points.shape[1])
                 sdf = model.query(params, points)["sdf"]
                 return sdf if sphere_radius is None else sdf + (sphere_radius - points.norm(dim=-1))
 
-            sdf = stf.query_grid(sdf_fn, batch_size, grid_size, chunk=chunk, device=device)
+            sdf = stf.query_grid(sdf_fn, batch_size, grid_size, chunk=chunk, device=device, narrow_band=not dense)
             lap("grid")
             meshes = stf.extract_meshes(sdf)
             lap("mc")
@@ -93,23 +116,28 @@ def bench_latent_to_mesh(
             lap("colors")
             out = [stf.to_trimesh(verts, faces, rgb) for (verts, faces), rgb in zip(meshes, colors)]
             lap("trimesh")
-            times["total"] = time.perf_counter() - t0
-        return times, out
+            times["total"], cpu_times["total"] = time.perf_counter() - t0, time.process_time() - c0
+        return times, cpu_times, out
 
     for _ in range(warmup):
         run()
-    runs = []
+    runs, cpu_runs = [], []
     for _ in range(repeats):
-        times, meshes = run()
+        times, cpu_times, meshes = run()
         runs.append({k: round(v, 4) for k, v in times.items()})
+        cpu_runs.append({k: round(v, 4) for k, v in cpu_times.items()})
     return {
         "benchmark": "stf_latent_to_mesh",
         "median": {k: round(statistics.median(r[k] for r in runs), 4) for k in STEPS},
+        "median_cpu": {k: round(statistics.median(r[k] for r in cpu_runs), 4) for k in STEPS},
         "runs": runs,
+        "queries": sum(queries),
+        "import_trimesh_s": round(import_trimesh_s, 4),
+        "mc_tables_s": round(mc_tables_s, 4),
         "vertices": len(meshes[0].vertices),
         "faces": len(meshes[0].faces),
         "settings": {"grid_size": grid_size, "batch_size": batch_size, "chunk": chunk, "sphere_radius": sphere_radius,
-                     "repeats": repeats, "warmup": warmup, "device": str(device)},
+                     "narrow_band": not dense, "repeats": repeats, "warmup": warmup, "device": str(device)},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -121,8 +149,9 @@ def bench_latent_to_mesh(
     }
 
 
-if __name__ == "__main__":  # python -m shapee.benchmarks.stf [grid_size]
+if __name__ == "__main__":  # python -m shapee.benchmarks.stf [grid_size] [--dense]
     import json
     import sys
 
-    print(json.dumps(bench_latent_to_mesh(int(sys.argv[1]) if len(sys.argv) > 1 else 128), indent=2))
+    args = [a for a in sys.argv[1:] if a != "--dense"]
+    print(json.dumps(bench_latent_to_mesh(int(args[0]) if args else 128, dense="--dense" in sys.argv), indent=2))

@@ -9,7 +9,7 @@ Every layer but the last is followed by swish. The meta layers' weights come per
 (:mod:`shapee.implicit.params_proj`); their biases are ordinary shared parameters. The meta weights also exist as
 *buffers* (``mlp.{0..3}.weight``) only so that the official state dict loads; they are used only when no per-asset
 params are given. The direction encoding is all zeros when no direction is given (always for STF queries and at the
-released inference).
+released inference); the layer that takes it then skips those weight columns.
 
 Output heads of the 12 channels (§2.3): 0 SDF (tanh, positive inside), 1/2 coarse/fine density (ReLU), 3–5 STF
 colour, 6–8 coarse NeRF colour, 9–11 fine NeRF colour (sigmoid, in [0, 1]; the official ×255 is not used here).
@@ -119,15 +119,20 @@ class NeRSTFMLP(nn.Module):
 
         h = nerf_encoding(points, self.position_octaves)  # [B, P, 93]
         for i, layer in enumerate(self.mlp):
-            if i == self.insert_direction_at:
-                if directions is None:
-                    d = h.new_zeros(*h.shape[:-1], self.d_direction)  # [B, P, 51]
-                else:
+            if i == self.insert_direction_at and directions is None:
+                # The direction encoding would be all zeros: its 51 weight columns add nothing, so multiply by the
+                # first columns only (equal up to float summation order; 4% of the MLP's multiply-adds). This layer
+                # is always a shared nn.Linear (n_meta_layers <= insert_direction_at).
+                h = F.linear(h, layer.weight[:, : h.shape[-1]], layer.bias)  # [B, P, out]
+            else:
+                if i == self.insert_direction_at:
                     d = nerf_encoding(directions.to(h.dtype), self.direction_octaves)  # [B, P, 51]
-                h = torch.cat([h, d], dim=-1)  # [B, P, 256 + 51]
-            h = layer(h, weights[i]) if i < self.n_meta_layers else layer(h)  # [B, P, out]
+                    h = torch.cat([h, d], dim=-1)  # [B, P, 256 + 51]
+                h = layer(h, weights[i]) if i < self.n_meta_layers else layer(h)  # [B, P, out]
             if i < len(self.mlp) - 1:
-                h = F.silu(h)  # swish
+                # In place when no graph is recorded (mesh and render queries): no fresh [B, P, 256] buffer per layer
+                # (on the 2-core CPU the swish goes from 0.8 to 0.5 ns per element).
+                h = F.silu(h, inplace=not torch.is_grad_enabled())  # swish
         return {
             "sdf": torch.tanh(h[..., 0]),  # [B, P] positive inside
             "density_coarse": F.relu(h[..., 1]),  # [B, P]

@@ -143,10 +143,12 @@ class Transmitter(TransmitterModules):
         and the meshes. Differentiable from the image to the latent."""
         return stf.render_latents(self, latent, cameras, grid_size=grid_size or self.stf_grid_size)
 
-    def to_mesh(self, latent: Tensor, grid_size: int = 128):
+    def to_mesh(self, latent: Tensor, grid_size: int = 128, *, narrow_band: bool = True):
         """Latent ``[1024, 1024]`` (or ``[1, ...]``) → ``trimesh.Trimesh`` with sRGB vertex colours; a batch
-        ``[B, ...]`` with B > 1 gives a list. Export with :func:`shapee.io.mesh.export_mesh` (.glb/.ply/.obj)."""
-        meshes = stf.latent_to_mesh(self, latent, grid_size=grid_size)
+        ``[B, ...]`` with B > 1 gives a list. Export with :func:`shapee.io.mesh.export_mesh` (.glb/.ply/.obj).
+        ``narrow_band`` (default): the SDF is queried only near its zero level, the same mesh as the dense grid for
+        fields it covers (see :func:`shapee.render.stf.query_grid_narrow_band`); ``False`` forces the dense grid."""
+        meshes = stf.latent_to_mesh(self, latent, grid_size=grid_size, narrow_band=narrow_band)
         return meshes[0] if latent.ndim == 2 or latent.shape[0] == 1 else meshes
 
     # -------------------------------------------------------------------------------------------- losses

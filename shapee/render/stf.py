@@ -8,6 +8,8 @@ The renderer knows nothing about networks. It asks two *fields*, both per-asset 
 and turns them into meshes or images, as the official ``render_views_from_stf`` does (reference §4):
 
 1. :func:`query_grid`: the SDF on an ``N³`` grid spanning ``bounds`` inclusively (§4.1), in chunks of points;
+   with ``narrow_band=True`` only near the zero level (coarse-to-fine, :func:`query_grid_narrow_band`), which gives
+   the same mesh for ~10× fewer queries;
 2. :func:`extract_meshes`: pad with a −1 ("outside") border so every mesh is closed, then Marching Cubes 33 on the
    padded grid **with bounds widened by one voxel**, so vertices stay at their true world positions (the official
    code maps the padded 130³ grid onto the unpadded box and shrinks every mesh by 127/129, §4.2 / §8.3.3);
@@ -29,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,7 +48,9 @@ __all__ = [
     "SdfFn",
     "RgbFn",
     "grid_points",
+    "default_chunk",
     "query_grid",
+    "query_grid_narrow_band",
     "pad_grid",
     "extract_meshes",
     "replace_empty_meshes",
@@ -82,6 +87,25 @@ def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
     return float(bounds[0]), float(bounds[1])
 
 
+def default_chunk(device: torch.device | str | None) -> int:
+    """Points per query call on ``device``: 4096 on CPU, 65536 elsewhere.
+
+    Measured (release-size NeRSTF MLP, 2^17 points, 1 thread): 1.03 CPU-s in chunks of 4096 vs 1.61 in chunks of
+    65536; large chunks spill the caches and page in fresh activation buffers every call. On a GPU a chunk only needs
+    to be large enough to fill the device.
+    """
+    return 4096 if torch.device(device or "cpu").type == "cpu" else 2**16
+
+
+def _resolve_chunk(chunk: int | None | str, device: torch.device | str | None) -> int | None:
+    """``"auto"`` → :func:`default_chunk` of ``device``; a positive int or None (no chunking) as given."""
+    if isinstance(chunk, str):
+        if chunk != "auto":
+            raise ValueError(f"chunk must be a positive number of points, None or 'auto', got {chunk!r}")
+        return default_chunk(device)
+    return chunk
+
+
 def _chunked(fn: Callable[[Tensor], Tensor], points: Tensor, chunk: int | None) -> Tensor:
     """``fn`` over ``points`` ``[B, P, 3]`` in slices of ``chunk`` points along P; outputs concatenated on dim 1."""
     if chunk is not None and chunk < 1:
@@ -90,6 +114,20 @@ def _chunked(fn: Callable[[Tensor], Tensor], points: Tensor, chunk: int | None) 
     if chunk is None or chunk >= P:
         return fn(points)
     return torch.cat([fn(points[:, i : i + chunk].contiguous()) for i in range(0, P, chunk)], dim=1)
+
+
+def _checked_sdf(query_fn: SdfFn) -> Callable[[Tensor], Tensor]:
+    """``query_fn`` with its output shape checked (``[B, P]`` for points ``[B, P, 3]``) and cast to float32."""
+
+    def checked(p: Tensor) -> Tensor:
+        sdf = query_fn(p)
+        if sdf.shape != p.shape[:2]:
+            raise ValueError(
+                f"query_fn must map points {tuple(p.shape)} to sdf {tuple(p.shape[:2])}, got {tuple(sdf.shape)}"
+            )
+        return sdf.float()
+
+    return checked
 
 
 # ----------------------------------------------------------------------------------------------- 1. the grid
@@ -114,30 +152,201 @@ def query_grid(
     grid_size: int = 128,
     bounds: tuple[float, float] = (-1.0, 1.0),
     *,
-    chunk: int | None = 2**16,
+    chunk: int | None | str = "auto",
     device: torch.device | str | None = None,
+    narrow_band: bool = False,
+    band_width: float = 1.0,
+    band_dilation: int = 1,
 ) -> Tensor:
     """The SDF of ``batch_size`` assets on an ``N³`` grid: ``[B, N, N, N]`` float32, indexed ``[x, y, z]``.
 
     ``query_fn(points [B, P, 3]) -> sdf [B, P]`` is called with the same grid points for every asset, ``chunk``
-    points at a time (x-major order, as the official 4096-point batches; the chunk only bounds memory). The output is
-    cast to float32: marching cubes runs in fp32 (STYLE rule 8).
+    points at a time (x-major order; ``"auto"``: :func:`default_chunk` of ``device``, ``None``: all at once; the
+    chunk only bounds memory and tunes speed). The output is cast to float32: marching cubes runs in fp32 (STYLE
+    rule 8).
+
+    ``narrow_band=True``: exact values only near the zero level, the rest filled with values of the right sign
+    (:func:`query_grid_narrow_band`, with ``band_width`` and ``band_dilation``): the same Marching Cubes mesh for a
+    fraction of the queries, but not the field far from the surface.
+    """
+    if narrow_band:
+        return query_grid_narrow_band(query_fn, batch_size, grid_size, bounds, chunk=chunk, device=device,
+                                      band_width=band_width, band_dilation=band_dilation)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunk = _resolve_chunk(chunk, device)
+    points = grid_points(grid_size, bounds, device=device).reshape(1, -1, 3)  # [1, N³, 3]
+    points = points.expand(batch_size, -1, -1)  # [B, N³, 3] (a view: one copy of the grid)
+    sdf = _chunked(_checked_sdf(query_fn), points, chunk)  # [B, N³]
+    return sdf.reshape(batch_size, grid_size, grid_size, grid_size)
+
+
+# The coarsest level of the narrow band is queried densely: the first grid of the halving sequence N → ⌈(N−1)/2⌉ + 1
+# with fewer than this many points per axis stops it (128 → 65 → 33). A 33³ start costs 36k queries (a few % of
+# 128³) and keeps the coarsest cells 4 voxels wide, so the band is found with ordinary fields' detail.
+_BAND_COARSEST = 32
+
+
+def _band_sizes(grid_size: int) -> list[int]:
+    """Points per axis of each level, finest first: ``[N, ⌈(N−1)/2⌉ + 1, …]`` down to the dense coarsest level."""
+    sizes = [grid_size]
+    while sizes[-1] // 2 + 1 >= _BAND_COARSEST:  # ⌈(n−1)/2⌉ + 1 = n//2 + 1
+        sizes.append(sizes[-1] // 2 + 1)
+    return sizes
+
+
+def _query_points(query_fn: Callable[[Tensor], Tensor], index: Tensor, axis: Tensor, batch_size: int,
+                  chunk: int | None) -> Tensor:
+    """SDF at the grid points ``index`` ``[K, 4]`` (asset, i, j, k; asset-major) with coordinates ``axis[i|j|k]``.
+
+    Each asset's points go into one row of a ``[B, P_max, 3]`` batch (rows padded with the origin), so the per-asset
+    weights are used in one call per chunk; returns the ``[K]`` values.
+    """
+    b = index[:, 0]  # [K]
+    counts = torch.bincount(b, minlength=batch_size)  # [B]
+    slot = torch.arange(b.numel(), device=b.device) - (torch.cumsum(counts, 0) - counts)[b]  # [K] place in its row
+    points = axis.new_zeros(batch_size, int(counts.max()), 3)  # [B, P_max, 3]
+    points[b, slot] = axis[index[:, 1:]]  # [K, 3]
+    return _chunked(query_fn, points, chunk)[b, slot]  # [K]
+
+
+def query_grid_narrow_band(
+    query_fn: SdfFn,
+    batch_size: int,
+    grid_size: int = 128,
+    bounds: tuple[float, float] = (-1.0, 1.0),
+    *,
+    chunk: int | None | str = "auto",
+    device: torch.device | str | None = None,
+    band_width: float = 1.0,
+    band_dilation: int = 1,
+) -> Tensor:
+    """The SDF on the ``N³`` grid of :func:`query_grid` (``[B, N, N, N]`` float32), queried only near the zero level.
+
+    Coarse to fine: the field is queried densely on a coarse grid (every 4th sample at N = 128, ~33³), and each level
+    halves the spacing. A cell of the coarser level (edge ``c``) is in the band when its 8 corners do not all have
+    the same side (``> 0`` is inside) or the smallest ``|sdf|`` among them is below ``band_width · c``; the band is
+    dilated by ``band_dilation`` cells, and the finer level queries every sample of a band cell. Elsewhere the finer
+    samples get the trilinear interpolation of the coarse corners (all on one side of 0 there, so the filled value
+    has their side, with ``|value| ≥ band_width · c``; it is not the field's value).
+
+    Guarantee: the result has the dense grid's exact values (up to float rounding of the batched query) at every
+    sample of every cube with a sign change (the cubes of :func:`extract_meshes`' −1 padding next to samples > 0 on
+    the grid boundary included), and the right side of 0 everywhere, hence the same Marching Cubes mesh
+    (vertices to float tolerance, same faces), whenever the field has no zero inside a cell left out of the band.
+    That holds for any field whose Lipschitz constant is at most ``band_width · 2/√3`` (≈ 1.15 by default; a true
+    SDF has 1, and ``tanh`` of it less), since the field cannot reach 0 within the half-diagonal ``c·√3/2`` of a
+    corner with ``|sdf| ≥ band_width · c``; the dilation is a margin beyond that. What the band can miss: a zero
+    level inside a coarse cell whose corners are all far from it, i.e. a feature smaller than a coarse cell on a
+    steep field (a thin spike, a bubble of ``|sdf|`` far above its distance to the surface); raise ``band_width``
+    or use the dense grid for such fields.
+
+    The query also visits points up to a few voxels beyond ``hi`` (the coarse levels' last samples, at the same
+    spacing). Values are differentiable w.r.t. the queries (the fill through the interpolation); an asset without
+    a surface costs only the coarse levels.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    points = grid_points(grid_size, bounds, device=device).reshape(1, -1, 3)  # [1, N³, 3]
-    points = points.expand(batch_size, -1, -1)  # [B, N³, 3] (a view: one copy of the grid)
+    if grid_size < 2:
+        raise ValueError(f"grid_size must be at least 2, got {grid_size}")
+    if not band_width > 0:
+        raise ValueError(f"band_width must be > 0 (in coarse cell edges), got {band_width}")
+    if band_dilation < 0:
+        raise ValueError(f"band_dilation must be >= 0 cells, got {band_dilation}")
+    lo, hi = _check_bounds(bounds)
+    chunk = _resolve_chunk(chunk, device)
+    checked = _checked_sdf(query_fn)
+    h = (hi - lo) / (grid_size - 1)  # finest spacing
+    sizes = _band_sizes(grid_size)
+    top = len(sizes) - 1
+    # One axis for all levels: level l uses every 2^l-th entry. Same formula (float64, then cast) as grid_points, so
+    # a sample has bit-identical coordinates to the dense grid's.
+    extent = (sizes[top] - 1) * 2**top + 1  # ≥ N
+    axis = lo + torch.arange(extent, device=device, dtype=torch.float64) / (grid_size - 1) * (hi - lo)
+    axis = axis.to(torch.float32)  # [extent]
 
-    def checked(p: Tensor) -> Tensor:
-        sdf = query_fn(p)
-        if sdf.shape != p.shape[:2]:
-            raise ValueError(
-                f"query_fn must map points {tuple(p.shape)} to sdf {tuple(p.shape[:2])}, got {tuple(sdf.shape)}"
-            )
-        return sdf.float()
+    # Coarsest level: dense.
+    n = sizes[top]
+    level_axis = axis[:: 2**top]  # [n]
+    grid = torch.stack(torch.meshgrid(level_axis, level_axis, level_axis, indexing="ij"), dim=-1)  # [n, n, n, 3]
+    sdf = _chunked(checked, grid.reshape(1, -1, 3).expand(batch_size, -1, -1), chunk)  # [B, n³]
+    sdf = sdf.reshape(batch_size, n, n, n)
+    exact = torch.ones(batch_size, n, n, n, dtype=torch.bool, device=sdf.device)  # [B, n, n, n]
 
-    sdf = _chunked(checked, points, chunk)  # [B, N³]
-    return sdf.reshape(batch_size, grid_size, grid_size, grid_size)
+    for level in range(top - 1, -1, -1):
+        nc, n = sizes[level + 1], sizes[level]
+        m = 2 * (nc - 1) + 1  # the finer level's samples under the coarse grid (≥ n)
+        with torch.no_grad():
+            band = _band_cells(sdf.detach(), band_width * 2 ** (level + 1) * h, band_dilation)  # [B, nc−1, nc−1, nc−1]
+            # Samples of band cells: each cell's 2·2·2 own samples, then every sample whose lower neighbour (along
+            # any of x, y, z) starts a band cell, which adds the cells' far faces.
+            in_band = band.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)  # [B, m−1, …]
+            in_band = _pairs(F.pad(in_band, (1, 1, 1, 1, 1, 1)), torch.logical_or)[:, :n, :n, :n]  # [B, n, n, n]
+            fine_exact = torch.zeros(batch_size, m, m, m, dtype=torch.bool, device=sdf.device)
+            fine_exact[:, ::2, ::2, ::2] = exact
+            fine_exact = fine_exact[:, :n, :n, :n]  # [B, n, n, n] samples already known from the coarse level
+            todo = (in_band & ~fine_exact).nonzero()  # [K, 4] asset-major
+        # Fill: trilinear between the coarse corners (align_corners: coarse sample i sits on fine sample 2i).
+        fine = F.interpolate(sdf[:, None], size=(m, m, m), mode="trilinear", align_corners=True)[:, 0]
+        fine = fine[:, :n, :n, :n].clone()  # [B, n, n, n]
+        k = (n + 1) // 2  # coarse samples inside the finer grid, per axis
+        fine[:, ::2, ::2, ::2] = sdf[:, :k, :k, :k]  # the coarse samples as they are (the fill's weights are 0/1 there)
+        if todo.shape[0] > 0:
+            values = _query_points(checked, todo, axis[:: 2**level], batch_size, chunk)  # [K]
+            fine = fine.index_put((todo[:, 0], todo[:, 1], todo[:, 2], todo[:, 3]), values)
+        sdf = fine
+        exact = fine_exact | in_band
+    if top > 0:
+        # extract_meshes pads the grid with −1: a cube of the padding is active wherever a boundary sample is > 0,
+        # and uses the boundary samples around it. Query those exactly too (none for an object inside the box).
+        with torch.no_grad():
+            n = sizes[0]
+            shell = torch.ones(n, n, n, dtype=torch.bool, device=sdf.device)
+            shell[1:-1, 1:-1, 1:-1] = False  # [n, n, n] the 6 faces of the grid
+            positive = (sdf.detach() > 0) & shell  # [B, n, n, n]
+            todo = (_dilate(positive, 1) & shell & ~exact).nonzero()  # [K, 4]
+        if todo.shape[0] > 0:
+            values = _query_points(checked, todo, axis, batch_size, chunk)  # [K]
+            sdf = sdf.index_put((todo[:, 0], todo[:, 1], todo[:, 2], todo[:, 3]), values)
+    return sdf
+
+
+def _pairs(x: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``op`` over the 2·2·2 corners of every cell of ``x`` ``[B, n, n, n]`` → ``[B, n−1, n−1, n−1]``.
+
+    Separable (one pass per axis over adjacent pairs): much cheaper on CPU than ``max_pool3d``, and exact for
+    associative ``op`` (or, and, minimum).
+    """
+    for dim in (1, 2, 3):
+        n = x.shape[dim]
+        x = op(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1))
+    return x
+
+
+def _dilate(mask: Tensor, cells: int) -> Tensor:
+    """``mask`` ``[B, n, n, n]`` bool grown by ``cells`` along each axis (a (2·cells + 1)³ box), separably."""
+    for dim in (1, 2, 3):
+        n = mask.shape[dim]
+        pad = [0, 0] * (3 - dim) + [cells, cells]  # F.pad counts from the last dim
+        padded = F.pad(mask, pad)  # [.., n + 2·cells, ..]
+        grown = padded.narrow(dim, 0, n)
+        for k in range(1, 2 * cells + 1):
+            grown = grown | padded.narrow(dim, k, n)
+        mask = grown
+    return mask
+
+
+def _band_cells(sdf: Tensor, threshold: float, dilation: int) -> Tensor:
+    """Cells of the grid ``sdf`` ``[B, n, n, n]`` that may hold the zero level: ``[B, n−1, n−1, n−1]`` bool.
+
+    A cell is in when its corners straddle 0 (inside ⇔ > 0, as Marching Cubes) or the smallest corner ``|sdf|`` is
+    below ``threshold``; then dilated by ``dilation`` cells.
+    """
+    inside = sdf > 0  # [B, n, n, n]
+    straddle = _pairs(inside, torch.logical_or) & ~_pairs(inside, torch.logical_and)  # [B, n−1, n−1, n−1]
+    near = _pairs(sdf.abs(), torch.minimum) < threshold  # the smallest |sdf| of the 8 corners
+    band = straddle | near
+    return _dilate(band, dilation) if dilation > 0 else band
 
 
 def pad_grid(sdf: Tensor, bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[Tensor, tuple[float, float]]:
@@ -193,7 +402,9 @@ def replace_empty_meshes(
     return out, torch.tensor(mask, dtype=torch.bool, device=anchors.device)
 
 
-def query_vertex_colors(rgb_fn: RgbFn, verts_list: Sequence[Tensor], *, chunk: int | None = 2**16) -> list[Tensor]:
+def query_vertex_colors(
+    rgb_fn: RgbFn, verts_list: Sequence[Tensor], *, chunk: int | None | str = "auto"
+) -> list[Tensor]:
     """STF colours ``[V_b, 3]`` at the vertices of each mesh (``rgb_fn`` on the vertex sets padded to the largest).
 
     The vertex sets are zero-padded into one ``[B, V_max, 3]`` batch (the official renderer does the same) so the
@@ -211,7 +422,7 @@ def query_vertex_colors(rgb_fn: RgbFn, verts_list: Sequence[Tensor], *, chunk: i
                              f"got {tuple(rgb.shape)}")
         return rgb.float()
 
-    rgb = _chunked(checked, padded, chunk)  # [B, V_max, 3]
+    rgb = _chunked(checked, padded, _resolve_chunk(chunk, padded.device))  # [B, V_max, 3]
     return [rgb[b, :n] for b, n in enumerate(counts)]
 
 
@@ -369,13 +580,17 @@ def render_stf(
     batch_size: int | None = None,
     grid_size: int = 128,
     bounds: tuple[float, float] = (-1.0, 1.0),
-    chunk: int | None = 2**16,
+    chunk: int | None | str = "auto",
+    narrow_band: bool = False,
     **render_kwargs,
 ) -> dict:
     """Fields → images: grid query → MC33 (padded, no shrink) → STF colour at the vertices → soft render.
 
     ``cameras``: one :class:`Cameras` per asset, or one shared set (then ``batch_size`` = number of assets is
     required). ``render_kwargs`` go to :func:`render_meshes` (``soft``, ``sigma``, ``faces_per_pixel``, ...).
+    ``narrow_band``: query the SDF only near its zero level (:func:`query_grid_narrow_band`): the same mesh, images
+    and gradients for fields it covers, but ``sdf`` is then exact only near the surface. Off by default: a field in
+    training (random at first) is not guaranteed to be one the band covers.
 
     Returns ``rgb`` ``[B, N, H, W, 3]``, ``alpha`` ``[B, N, H, W]``, ``mesh_mask`` ``[B]`` (False: the field had no
     surface and the asset rendered transparent), ``sdf`` ``[B, G, G, G]`` (the unpadded grid, e.g. for
@@ -391,7 +606,7 @@ def render_stf(
             raise ValueError(f"batch_size={batch_size} but {B} Cameras were given (one per asset)")
     device = cameras.device if isinstance(cameras, Cameras) else cameras[0].device
 
-    sdf = query_grid(sdf_fn, B, grid_size, bounds, chunk=chunk, device=device)  # [B, G, G, G]
+    sdf = query_grid(sdf_fn, B, grid_size, bounds, chunk=chunk, device=device, narrow_band=narrow_band)  # [B, G, G, G]
     raw = extract_meshes(sdf, bounds)
     meshes, mesh_mask = replace_empty_meshes(raw, sdf)
     verts_list = [v for v, _ in meshes]
@@ -447,9 +662,13 @@ def latent_to_mesh(
     grid_size: int = 128,
     *,
     bounds: tuple[float, float] = (-1.0, 1.0),
-    chunk: int | None = 2**16,
+    chunk: int | None | str = "auto",
+    narrow_band: bool = True,
 ) -> "list[trimesh.Trimesh]":
     """Meshes of latents ``[B, ...]`` (or one latent without the batch axis), with sRGB vertex colours.
+
+    ``narrow_band`` (default): the SDF is queried only near its zero level (:func:`query_grid_narrow_band`, the same
+    mesh as the dense grid for fields whose slope is at most ~1.15, ~10× faster); ``False`` queries the dense grid.
 
     The colours are the STF head's sRGB values as 8-bit RGBA (not the linear values the official export writes,
     issue #86, §4.3). Vertices are at true world positions (no 127/129 shrink). A latent without a surface gives an
@@ -462,7 +681,8 @@ def latent_to_mesh(
         rows = expected or "R"
         raise ValueError(f"latent must have shape [B, {rows}, D] or [{rows}, D], got {tuple(latent.shape)}")
     sdf_fn, rgb_fn = transmitter_fields(transmitter, latent)
-    sdf = query_grid(sdf_fn, latent.shape[0], grid_size, bounds, chunk=chunk, device=latent.device)
+    sdf = query_grid(sdf_fn, latent.shape[0], grid_size, bounds, chunk=chunk, device=latent.device,
+                     narrow_band=narrow_band)  # [B, G, G, G]
     meshes = extract_meshes(sdf, bounds)
     colors = query_vertex_colors(rgb_fn, [v for v, _ in meshes], chunk=chunk)
     return [to_trimesh(verts, faces, rgb) for (verts, faces), rgb in zip(meshes, colors)]
@@ -475,10 +695,14 @@ def to_trimesh(verts: Tensor, faces: Tensor, colors: Tensor) -> "trimesh.Trimesh
 
     if verts.shape != colors.shape or verts.dim() != 2 or verts.shape[-1] != 3:
         raise ValueError(f"verts and colors must both be [V, 3], got {tuple(verts.shape)} and {tuple(colors.shape)}")
-    rgba = torch.cat([colors.detach().clamp(0, 1), torch.ones_like(colors[:, :1])], dim=-1)  # [V, 4]
+    # Plain numpy on the (small) vertex arrays: no torch op dispatch, and trimesh gets arrays it keeps as they are.
+    rgba = np.empty((colors.shape[0], 4), dtype=np.uint8)  # [V, 4]
+    rgba[:, :3] = np.rint(colors.detach().float().cpu().numpy().clip(0.0, 1.0) * 255.0)
+    rgba[:, 3] = 255
     return trimesh.Trimesh(
-        vertices=verts.detach().cpu().double().numpy(),
-        faces=faces.cpu().numpy(),
-        vertex_colors=(rgba * 255).round().to(torch.uint8).cpu().numpy(),
-        process=False,  # keep MC's vertex order and count
+        vertices=verts.detach().cpu().numpy().astype(np.float64),
+        faces=faces.cpu().numpy().astype(np.int64, copy=False),
+        vertex_colors=rgba,
+        process=False,  # keep MC's vertex order and count (they are already shared, no merging to do)
+        validate=False,
     )
