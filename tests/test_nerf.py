@@ -423,3 +423,171 @@ def test_render_views_shared_cameras_and_bad_input():
         render_views(constant_field(1.0), [cams, cams[:1]])
     with pytest.raises(ValueError, match="chunk_size"):
         render_views(constant_field(1.0), cams, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------- speed paths, same result
+
+
+def two_head_field(calls=None, nan_outside: bool = False):
+    """A pointwise field with different coarse and fine heads that also answers ``level="both"`` (one evaluation,
+    both heads, as the NeRSTF MLP). Records ``(level, points.shape)`` of every call in ``calls``."""
+
+    def heads(points):
+        x, y, z = points.unbind(-1)
+        density_c = 3.0 * torch.relu(0.8 - points.norm(dim=-1))  # [B, R, S]
+        density_f = 5.0 * torch.relu(0.6 - (points - 0.1).norm(dim=-1))
+        rgb_c = torch.stack([x.sigmoid(), y.sigmoid(), z.sigmoid()], dim=-1)  # [B, R, S, 3]
+        rgb_f = torch.stack([(x * y).sigmoid(), z.cos() * 0.5 + 0.5, x.sin() * 0.5 + 0.5], dim=-1)
+        if nan_outside:  # garbage where no ray that hits the box ever samples
+            outside = (points.abs() > 1 + 1e-4).any(dim=-1)  # [B, R, S]
+            density_c = torch.where(outside, torch.nan, density_c)
+            rgb_c = torch.where(outside[..., None], torch.nan, rgb_c)
+            rgb_f = torch.where(outside[..., None], torch.nan, rgb_f)
+        return {"coarse": (density_c, rgb_c), "fine": (density_f, rgb_f)}
+
+    def query(points, level):
+        if calls is not None:
+            calls.append((level, tuple(points.shape)))
+        out = heads(points)
+        return out if level == "both" else out[level]
+
+    return query
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_query_chunk_and_shared_levels_do_not_change_the_result(deterministic):
+    o, d = random_rays(2, 37)
+    kw = dict(n_coarse=8, n_fine=16, deterministic=deterministic, background=(0.1, 0.2, 0.3))
+    field = two_head_field()
+    ref = render_rays(field, o, d, query_chunk=None, generator=torch.Generator().manual_seed(3), **kw)
+    assert ref["hit"].any() and not ref["hit"].all()
+    assert (ref["transmittance"] < 0.9).any() and (ref["transmittance_coarse"] < 0.9).any()  # both heads show
+    for options in (dict(query_chunk=50), dict(query_chunk=1), dict(shared_levels=True),
+                    dict(shared_levels=True, query_chunk=70, chunk_size=9)):
+        out = render_rays(field, o, d, generator=torch.Generator().manual_seed(3), **options, **kw)
+        assert out.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(out[k], ref[k]), (options, k)
+
+
+def test_query_chunk_bounds_the_points_per_call_and_calls_hold_whole_rays():
+    calls = []
+    o, d = random_rays(2, 37)
+    render_rays(two_head_field(calls), o, d, n_coarse=8, n_fine=16, deterministic=True, query_chunk=100)
+    assert calls and all(level in ("coarse", "fine") for level, _ in calls)
+    for level, (B, r, S, _) in calls:
+        assert S == (8 if level == "coarse" else 24)  # whole rays: every call has all samples of its rays
+        assert B * r * S <= 100
+    # Coarse: 24 hit rays at most per asset (hits 24 and 20), 100 // (2·8) = 6 rays per call → 4 calls.
+    assert sum(level == "coarse" for level, _ in calls) == 4
+    assert sum(r for level, (_, r, _, _) in calls if level == "coarse") == 24
+    # A single ray over the budget is still one call.
+    calls.clear()
+    render_rays(two_head_field(calls), o, d, n_coarse=8, n_fine=16, deterministic=True, query_chunk=1)
+    assert {r for _, (_, r, _, _) in calls} == {1}
+
+
+def test_shared_levels_evaluate_each_sample_once_and_skip_missing_rays():
+    calls = []
+    o, d = random_rays(2, 37)  # asset hits: 24 and 20 of 37
+    out = render_rays(two_head_field(calls), o, d, n_coarse=8, n_fine=16, deterministic=True, shared_levels=True,
+                      query_chunk=None)
+    assert calls == [("both", (2, 24, 8, 3)), ("fine", (2, 24, 16, 3))]
+    calls.clear()
+    render_rays(two_head_field(calls), o, d, n_coarse=8, n_fine=16, deterministic=True, query_chunk=None)
+    assert calls == [("coarse", (2, 24, 8, 3)), ("fine", (2, 24, 24, 3))]  # the official amount of work
+    # Rays of an asset that hit nothing are never evaluated, however bad the field is out there.
+    calls.clear()
+    away = o / o.norm(dim=-1, keepdim=True)  # every ray pointed away from the box (origins are outside it)
+    nan_field = two_head_field(calls, nan_outside=True)
+    miss = render_rays(nan_field, o, away, n_coarse=8, n_fine=16, background=(0.1, 0.2, 0.3), shared_levels=True,
+                       generator=torch.Generator().manual_seed(0))
+    assert calls == [] and not miss["hit"].any()
+    torch.testing.assert_close(miss["rgb"], torch.tensor([0.1, 0.2, 0.3]).expand(2, 37, 3), atol=0, rtol=0)
+    assert torch.equal(miss["transmittance"], torch.ones(2, 37))
+    # Mixed: missing rays evaluated as padding (asset 1 hits 20 of the 24 rays sent) are masked out entirely.
+    for shared in (False, True):
+        mixed = render_rays(nan_field, o, d, n_coarse=8, n_fine=16, shared_levels=shared,
+                            generator=torch.Generator().manual_seed(0))
+        assert all(torch.isfinite(v).all() for k, v in mixed.items() if k != "hit"), shared
+
+
+def test_shared_levels_give_the_same_gradients():
+    o, d = random_rays(1, 23)
+    scale = torch.tensor(1.3, requires_grad=True)
+    tint = torch.tensor([0.9, 0.5, 0.2], requires_grad=True)
+    base = two_head_field()
+
+    def learnable(points, level):
+        out = base(points, level)
+        scaled = {lv: (s * scale, c * tint) for lv, (s, c) in (out.items() if level == "both" else [(level, out)])}
+        return scaled if level == "both" else scaled[level]
+
+    grads = []
+    for options in (dict(query_chunk=None), dict(shared_levels=True, query_chunk=40)):
+        scale.grad = tint.grad = None
+        out = render_rays(learnable, o, d, n_coarse=8, n_fine=16, generator=torch.Generator().manual_seed(5), **options)
+        (out["rgb"].sum() + out["rgb_coarse"].sum() + out["transmittance"].sum()).backward()
+        grads.append((scale.grad.clone(), tint.grad.clone()))
+    assert grads[0][0] != 0 and (grads[0][1] != 0).all()
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-6, rtol=1e-6)
+
+
+def test_nerstf_mlp_renders_the_same_with_the_fast_paths():
+    from shapee.implicit import NeRSTFMLP
+
+    torch.manual_seed(0)
+    mlp = NeRSTFMLP(d_hidden=16)
+    with torch.no_grad():  # visible, varied densities and colours in both heads
+        mlp.mlp[-1].weight.mul_(30.0)
+        mlp.mlp[-1].bias[1:3] = 1.0
+
+    def field(points, level):
+        B, R, S, _ = points.shape
+        out = mlp(None, points.reshape(B, R * S, 3))
+
+        def heads(lv):
+            return out[f"density_{lv}"].reshape(B, R, S), out[f"nerf_rgb_{lv}"].reshape(B, R, S, 3)
+
+        return {"coarse": heads("coarse"), "fine": heads("fine")} if level == "both" else heads(level)
+
+    o, d = random_rays(2, 64, seed=1)
+    kw = dict(n_coarse=16, n_fine=32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = render_rays(field, o, d, query_chunk=None, **kw)  # the official work: whole chunks, re-queried
+        kw["generator"].manual_seed(2)
+        fast = render_rays(field, o, d, query_chunk=300, shared_levels=True, **kw)
+    for k in ("transmittance", "transmittance_coarse"):  # the MLP's densities matter and vary
+        assert (ref[k] < 0.5).any() and (ref[k][ref["hit"]] > 0.6).any(), k
+    for k in ref:  # rows of a linear layer do not depend on the batch: equal up to the BLAS's rounding at most
+        torch.testing.assert_close(fast[k], ref[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_speed_options_reach_render_views_and_bad_values_are_refused():
+    from shapee.render.nerf import default_query_chunk
+
+    assert default_query_chunk("cpu") == 4096 and default_query_chunk(torch.device("cuda")) is None
+    cams = orbit_cameras(2, resolution=9)
+    kw = dict(n_coarse=8, n_fine=8, deterministic=True, background=(1.0, 1.0, 1.0))
+    ref = render_views(two_head_field(), cams, query_chunk=None, **kw)
+    fast = render_views(two_head_field(), cams, query_chunk=64, shared_levels=True, chunk_size=30, **kw)
+    assert (ref["transmittance"] < 0.9).any()
+    for k in ref:
+        assert torch.equal(fast[k], ref[k]), k
+    o, d = axis_rays(2)
+    for bad in (0, -3, 2.5, "big", True):
+        with pytest.raises(ValueError, match="query_chunk"):
+            render_rays(constant_field(1.0), o, d, query_chunk=bad)
+    with pytest.raises(ValueError, match="'coarse' and 'fine'"):
+        render_rays(constant_field(1.0), o, d, shared_levels=True)  # answers (σ, rgb) to level "both"
+
+
+def test_bench_nerf_renders_a_whole_view():
+    from shapee.benchmarks.encoder import bench_nerf
+
+    r = bench_nerf(repeats=1, warmup=0, mlp_kwargs=dict(d_hidden=8), n_coarse=4, n_fine=4, device="cpu")
+    assert r["settings"]["rays_per_asset"] == 64 * 64 and r["settings"]["shared_levels"]
+    assert r["seconds_per_64x64_view"] == r["seconds_median"] > 0
+    assert r["rays_per_second"] == pytest.approx(4096 / r["seconds_median"])
+    assert r["cpu_seconds_median"] > 0

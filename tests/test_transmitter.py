@@ -113,6 +113,24 @@ def test_render_nerf_shapes_and_determinism():
     assert (a["transmittance"] >= 0).all() and (a["transmittance"] <= 1).all()
 
 
+def test_shared_levels_render_and_loss_equal_querying_each_level_separately():
+    # render_nerf / nerf_losses read both levels' heads off one evaluation of the coarse samples; the official
+    # renderer queries them twice. Same network, same points: the same images and losses.
+    from shapee.render import nerf as nerf_renderer
+
+    model = Transmitter(**TINY).eval()
+    with torch.no_grad():
+        latent = model.encode(make_batch(), generator=torch.Generator().manual_seed(0))
+        cams = random_cameras(2, resolution=6)
+        shared = model.render_nerf(latent, cams, generator=torch.Generator().manual_seed(3))
+        separate = nerf_renderer.render_views(
+            model.field(model.decode_params(latent)), cams, n_assets=2, n_coarse=model.n_coarse, n_fine=model.n_fine,
+            shared_levels=False, generator=torch.Generator().manual_seed(3), chunk_size=model.render_chunk,
+        )
+    for key in ("rgb", "transmittance", "rgb_coarse", "transmittance_coarse"):
+        torch.testing.assert_close(shared[key], separate[key], rtol=0, atol=1e-6)
+
+
 def test_official_layout_loads_into_a_transmitter():
     source = Transmitter(**TINY)
     with torch.no_grad():

@@ -104,14 +104,18 @@ class Transmitter(TransmitterModules):
         return self.nerstf(params, points, directions)
 
     def field(self, params: Mapping[str, Tensor]) -> nerf_renderer.QueryFn:
-        """The NeRF view of the MLP for the volume renderer: ``(points [B, R, S, 3], level) -> (σ, rgb)``."""
+        """The NeRF view of the MLP for the volume renderer: ``(points [B, R, S, 3], level) -> (σ, rgb)``; for
+        ``level == "both"`` the coarse and fine heads of one evaluation (the renderer's ``shared_levels``: the MLP
+        gives all 12 channels per point anyway, so the coarse samples need not be queried twice, §3)."""
 
-        def query_fn(points: Tensor, level: str) -> tuple[Tensor, Tensor]:
+        def query_fn(points: Tensor, level: str):
             B, R, S, _ = points.shape
             out = self.nerstf(params, points.reshape(B, R * S, 3))
-            density = out[f"density_{level}"].reshape(B, R, S)
-            rgb = out[f"nerf_rgb_{level}"].reshape(B, R, S, 3)
-            return density, rgb
+
+            def heads(lv: str) -> tuple[Tensor, Tensor]:
+                return out[f"density_{lv}"].reshape(B, R, S), out[f"nerf_rgb_{lv}"].reshape(B, R, S, 3)
+
+            return {lv: heads(lv) for lv in ("coarse", "fine")} if level == nerf_renderer.BOTH_LEVELS else heads(level)
 
         return query_fn
 
@@ -132,6 +136,7 @@ class Transmitter(TransmitterModules):
             n_assets=latent.shape[0] if isinstance(cameras, Cameras) else None,
             n_coarse=self.n_coarse,
             n_fine=self.n_fine,
+            shared_levels=True,
             deterministic=deterministic,
             generator=generator,
             chunk_size=self.render_chunk,
@@ -188,7 +193,8 @@ class Transmitter(TransmitterModules):
         """L1 RGB and L1 transmittance (vs 1 − alpha) of both passes on random target rays, + a PSNR metric."""
         origins, directions, target_rgb, target_alpha = self.sample_target_rays(batch)
         out = nerf_renderer.render_rays(
-            self.field(params), origins, directions, n_coarse=self.n_coarse, n_fine=self.n_fine, chunk_size=None
+            self.field(params), origins, directions, n_coarse=self.n_coarse, n_fine=self.n_fine, chunk_size=None,
+            shared_levels=True,
         )
         target_transmittance = 1.0 - target_alpha  # [B, R]
         losses = {

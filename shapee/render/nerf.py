@@ -18,6 +18,20 @@ ray. The official Shap-E renderer (reference §3) is reproduced:
 Two deliberate differences from the official code: rays are chunked with no divisibility requirement
 (reference §8.3.8), and the random numbers of a whole :func:`render_rays` call are drawn before chunking, so that
 the chunk size never changes the result for a given generator state.
+
+Speed-ups that leave the result unchanged (up to float rounding of the field itself): rays that miss the box
+are never sent to the field (their density would be masked out anyway; about a quarter of a 64² view's rays at
+the dataset's camera distance), and two options:
+
+- ``query_chunk``: at most this many points per field call. On CPU a released-size MLP over 4096 points runs about
+  twice as fast per point as over 65,536 (its activations stay in cache and no fresh pages are faulted in), so the
+  default splits every pass into calls of whole rays totalling ≤ 4096 points there; on GPUs big calls pay, and the
+  default leaves the ray chunk whole.
+- ``shared_levels``: for a field whose two levels are heads of one evaluation at a point (the NeRSTF MLP: all 12
+  channels come out of one forward), step 3 need not re-evaluate the ``n_coarse`` points it already evaluated in
+  step 2. The renderer then asks ``query_fn(points, "both")`` for the coarse samples, which returns
+  ``{"coarse": (density, rgb), "fine": (density, rgb)}``, keeps the fine heads, and queries only the ``n_fine``
+  new points with ``level="fine"``: a quarter of the field evaluations of a 64 + 128 render, same result.
 """
 
 from __future__ import annotations
@@ -31,6 +45,8 @@ from shapee.cameras import Cameras
 
 __all__ = [
     "QueryFn",
+    "BOTH_LEVELS",
+    "default_query_chunk",
     "ray_box_intersection",
     "stratified_samples",
     "importance_samples",
@@ -39,8 +55,15 @@ __all__ = [
     "render_views",
 ]
 
-# (points [B, R, S, 3], level) -> (density [B, R, S], rgb [B, R, S, 3])
-QueryFn = Callable[[Tensor, str], "tuple[Tensor, Tensor]"]
+# (points [B, R, S, 3], level) -> (density [B, R, S], rgb [B, R, S, 3]); with level == BOTH_LEVELS (only asked
+# when rendering with shared_levels=True): -> {"coarse": (density, rgb), "fine": (density, rgb)}.
+QueryFn = Callable[[Tensor, str], "tuple[Tensor, Tensor] | dict[str, tuple[Tensor, Tensor]]"]
+# The level name under which a shared-levels field answers both levels from one evaluation.
+BOTH_LEVELS = "both"
+# Points per field call on CPU. Measured, release-size NeRSTF MLP over 2^18 points: 0.92 s in calls of 4096
+# points and 1.74 s in calls of 65,536 at 2 threads; at 1 thread 1.8 CPU-s at 4096, 1.9 at 2048 and 16,384, 3.2
+# at 65,536 (of which 1.3 s system time: page faults of the fresh activation buffers).
+CPU_QUERY_CHUNK = 4096
 
 # Reference §3: a ray "hits" the box only if the clipped segment is longer than this (world units).
 MIN_HIT_LENGTH = 1e-3
@@ -289,12 +312,25 @@ def integrate_samples(
 
 
 # ----------------------------------------------------------------------------------------------- rendering
-def _query(query_fn: QueryFn, points: Tensor, level: str) -> tuple[Tensor, Tensor]:
-    """Call the field and check that it answered with the documented shapes."""
-    out = query_fn(points, level)
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise ValueError(f"query_fn must return (density, rgb), got {type(out).__name__}")
-    density, rgb = out
+def default_query_chunk(device: torch.device | str) -> int | None:
+    """Points per field call that ``query_chunk="auto"`` means on ``device``: 4096 on CPU, no limit elsewhere."""
+    return CPU_QUERY_CHUNK if torch.device(device).type == "cpu" else None
+
+
+def _resolve_query_chunk(query_chunk: int | str | None, device: torch.device) -> int | None:
+    if query_chunk == "auto":
+        return default_query_chunk(device)
+    if query_chunk is not None and (isinstance(query_chunk, (str, bool)) or int(query_chunk) != query_chunk
+                                    or query_chunk < 1):
+        raise ValueError(f"query_chunk must be a positive integer, None or 'auto', got {query_chunk!r}")
+    return query_chunk
+
+
+def _check_answer(answer: object, points: Tensor, level: str) -> tuple[Tensor, Tensor]:
+    """One level's ``(density, rgb)`` from the field, checked against the documented shapes."""
+    if not (isinstance(answer, (tuple, list)) and len(answer) == 2):
+        raise ValueError(f"query_fn(level={level!r}) must return (density, rgb), got {type(answer).__name__}")
+    density, rgb = answer
     if tuple(density.shape) != tuple(points.shape[:-1]) or tuple(rgb.shape) != tuple(points.shape):
         raise ValueError(
             f"query_fn(points {tuple(points.shape)}, level={level!r}) must return density "
@@ -304,23 +340,67 @@ def _query(query_fn: QueryFn, points: Tensor, level: str) -> tuple[Tensor, Tenso
     return density, rgb
 
 
-def _render_pass(
-    query_fn: QueryFn,
-    level: str,
-    origins: Tensor,
-    directions: Tensor,
-    t: Tensor,
-    t0: Tensor,
-    t1: Tensor,
-    hit: Tensor,
-    background: Tensor,
+def _query(
+    query_fn: QueryFn, points: Tensor, level: str, query_chunk: int | None, hit: Tensor | None = None
+) -> list[tuple[Tensor, Tensor]]:
+    """The field at ``points [B, r, S, 3]``: ``[(density [B, r, S], rgb [B, r, S, 3])]`` for ``level``, or the
+    coarse and the fine answers for :data:`BOTH_LEVELS`; in calls of whole rays with ≤ ``query_chunk`` points.
+
+    With ``hit [B, r]`` (bool) only rays that hit the box are evaluated (per asset, up to the largest number of
+    hits of any asset); the others answer density 0 and colour 0, which the integration gives weight 0 anyway.
+    """
+    levels = ("coarse", "fine") if level == BOTH_LEVELS else (level,)
+    B, r, S, _ = points.shape
+    if hit is not None:
+        n_hit = int(hit.sum(dim=1).max()) if r > 0 else 0  # host sync: the number of rays to evaluate
+        if n_hit == 0 < r:  # nothing in the box: no call at all
+            return [(points.new_zeros(B, r, S), points.new_zeros(B, r, S, 3)) for _ in levels]
+        if n_hit < r:
+            # Per asset, the rays that hit first (stable: in their own order), cut at the largest count.
+            ray = torch.argsort((~hit).to(torch.uint8), dim=1, stable=True)[:, :n_hit]  # [B, n]
+            sub = _query(query_fn, points.gather(1, ray[:, :, None, None].expand(B, n_hit, S, 3)), level, query_chunk)
+            full = []
+            for density, rgb in sub:  # loop over the (one or two) levels
+                index = ray[:, :, None].expand(B, n_hit, S)  # [B, n, S]
+                density = density.new_zeros(B, r, S).scatter(1, index, density)  # [B, r, S]
+                rgb = rgb.new_zeros(B, r, S, 3).scatter(1, index[..., None].expand(B, n_hit, S, 3), rgb)
+                full.append((density, rgb))
+            return full
+    step = r if query_chunk is None else max(1, query_chunk // max(B * S, 1))  # rays per call (≥ 1)
+    parts: list[list[tuple[Tensor, Tensor]]] = []
+    for start in range(0, max(r, 1), max(step, 1)):  # loop over calls of rays, not over rays or points
+        p = points[:, start:start + step]  # [B, r', S, 3]
+        out = query_fn(p, level)
+        if level == BOTH_LEVELS:
+            if not (isinstance(out, dict) and set(out) == set(levels)):
+                got = sorted(out) if isinstance(out, dict) else type(out).__name__
+                raise ValueError(f"query_fn(level={level!r}) must return a dict with keys 'coarse' and 'fine', "
+                                 f"got {got}")
+            parts.append([_check_answer(out[lv], p, lv) for lv in levels])
+        else:
+            parts.append([_check_answer(out, p, level)])
+    if len(parts) == 1:
+        return parts[0]
+    return [
+        (torch.cat([part[i][0] for part in parts], dim=1), torch.cat([part[i][1] for part in parts], dim=1))
+        for i in range(len(levels))
+    ]  # per level: [B, r, S], [B, r, S, 3]
+
+
+def _points(origins: Tensor, directions: Tensor, t: Tensor) -> Tensor:
+    """Points at ``t [B, r, S]`` along the rays ``[B, r, 3]`` → ``[B, r, S, 3]``."""
+    return origins[:, :, None, :] + directions[:, :, None, :] * t[..., None]
+
+
+def _integrate_pass(
+    t: Tensor, density: Tensor, rgb: Tensor, t0: Tensor, t1: Tensor, hit: Tensor, background: Tensor
 ) -> dict[str, Tensor]:
-    """Query the field at ``t [B, r, S]`` along the rays and integrate; rays that miss the box see nothing."""
-    points = origins[:, :, None, :] + directions[:, :, None, :] * t[..., None]  # [B, r, S, 3]
-    density, rgb = _query(query_fn, points, level)  # [B, r, S], [B, r, S, 3]
+    """Integrate one pass of samples ``t [B, r, S]``; rays that miss the box see nothing."""
     # The dummy segment [0, 1] of a missing ray may lie in space where the field is not zero: the official
-    # renderer reports such rays as empty (transmittance 1, background colour), so their density is masked out.
+    # renderer reports such rays as empty (transmittance 1, background colour), so their density is masked out,
+    # and their colour too (weight 0 × a NaN would still poison the sum).
     density = torch.where(hit[..., None], density, torch.zeros_like(density))  # [B, r, S]
+    rgb = torch.where(hit[..., None, None], rgb, torch.zeros_like(rgb))  # [B, r, S, 3]
     out = integrate_samples(t, density, rgb, t0, t1, background=background)
     out["t"] = t
     return out
@@ -356,6 +436,8 @@ def render_rays(
     generator: torch.Generator | None = None,
     deterministic: bool = False,
     chunk_size: int | None = 4096,
+    query_chunk: int | str | None = "auto",
+    shared_levels: bool = False,
     background: Sequence[float] | Tensor = (0.0, 0.0, 0.0),
     view_z: Tensor | None = None,
     bbox_min: float | Sequence[float] | Tensor = -1.0,
@@ -366,7 +448,9 @@ def render_rays(
 
     Args:
         query_fn: the field, ``(points [B, r, S, 3], level) -> (density [B, r, S] ≥ 0, rgb [B, r, S, 3])``;
-            called with ``level="coarse"`` (S = n_coarse) and ``level="fine"`` (S = n_coarse + n_fine) per chunk.
+            called with ``level="coarse"`` (S = n_coarse) and ``level="fine"`` (S = n_coarse + n_fine) per chunk
+            (with ``shared_levels``: ``level="both"`` at the coarse samples and ``"fine"`` at the new ones only).
+            Rays that miss the box are not evaluated (they see nothing), so r may be smaller than the chunk.
         origins, directions: ``[B, R, 3]`` rays of each asset (directions need not be unit length; distances
             are then in units of ``|direction|``).
         n_coarse: stratified samples per ray (≥ 1); n_fine: importance samples added for the fine pass (≥ 0).
@@ -374,7 +458,15 @@ def render_rays(
             official renderer); all of a call's random numbers are drawn up front, so the result does not depend
             on ``chunk_size``.
         deterministic: no randomness at all: cell midpoints and evenly spaced quantiles.
-        chunk_size: rays per asset per field query (any R; None = all at once).
+        chunk_size: rays per asset sampled and integrated together (any R; None = all at once).
+        query_chunk: at most this many points (all assets together) per field call, in calls of whole rays
+            (at least one ray each); ``"auto"``: :func:`default_query_chunk` of the rays' device (4096 on CPU,
+            no limit on GPUs); None: one call per pass of each ray chunk. Never changes the result of a field
+            that treats points independently.
+        shared_levels: the field's coarse and fine answers come from one evaluation at each point (the NeRSTF
+            MLP): the coarse samples are evaluated once, with ``query_fn(points, "both") -> {"coarse": (density,
+            rgb), "fine": (density, rgb)}``, and their fine answers reused in the fine pass, which queries only the
+            ``n_fine`` new samples. Same result as re-querying, for n_coarse / (n_coarse + n_fine) less work.
         background: colour behind the volume: 3 values or a tensor broadcastable to ``[B, R, 3]``.
         view_z: camera viewing directions broadcastable to ``[B, R, 3]``; when given, planar ``depth`` =
             distance × (direction · view_z) is returned (the ``depth`` keys are absent otherwise).
@@ -391,6 +483,7 @@ def render_rays(
         raise ValueError(f"need n_coarse ≥ 1 and n_fine ≥ 0, got n_coarse={n_coarse}, n_fine={n_fine}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    query_chunk = _resolve_query_chunk(query_chunk, origins.device)
     dtype = _compute_dtype(origins.dtype)
     origins, directions = origins.to(dtype), directions.to(dtype)
     B, R, _ = origins.shape
@@ -418,14 +511,27 @@ def render_rays(
             a, b, n_coarse, deterministic=deterministic,
             noise=None if coarse_noise is None else coarse_noise[:, s],
         )  # [B, r, Sc]
-        coarse = _render_pass(query_fn, "coarse", o, d, t_c, a, b, h, g)
+        level_c = BOTH_LEVELS if shared_levels else "coarse"
+        answers = _query(query_fn, _points(o, d, t_c), level_c, query_chunk, h)  # [(σ [B, r, Sc], rgb)] per level
+        coarse = _integrate_pass(t_c, *answers[0], a, b, h, g)
         t_new = importance_samples(
             t_c, coarse["weights"], a, b, n_fine, deterministic=deterministic,
             noise=None if fine_noise is None else fine_noise[:, s],
         )  # [B, r, Sf_new]
-        # separate_shared_samples: the fine heads see all coarse + new points, coarse outputs are not reused.
-        t_f = torch.cat([t_c, t_new], dim=-1).sort(dim=-1).values  # [B, r, Sc + Sf_new]
-        fine = _render_pass(query_fn, "fine", o, d, t_f, a, b, h, g)
+        # separate_shared_samples: the fine heads see all coarse + new points (the coarse heads' answers are not
+        # reused); the fine pass integrates them in sorted order.
+        t_f, order = torch.cat([t_c, t_new], dim=-1).sort(dim=-1, stable=True)  # [B, r, Sc + Sf_new] each
+        if shared_levels:
+            # The fine heads at the coarse points came with the coarse pass's evaluation: query the new points
+            # only and put both answers in the merged order.
+            density_f, rgb_f = answers[1]  # [B, r, Sc], [B, r, Sc, 3]
+            if n_fine > 0:
+                density_n, rgb_n = _query(query_fn, _points(o, d, t_new), "fine", query_chunk, h)[0]  # [B, r, Sf_new]
+                density_f = torch.cat([density_f, density_n], dim=-1).gather(-1, order)  # [B, r, Sc + Sf_new]
+                rgb_f = torch.cat([rgb_f, rgb_n], dim=-2).gather(-2, order[..., None].expand(*order.shape, 3))
+        else:
+            density_f, rgb_f = _query(query_fn, _points(o, d, t_f), "fine", query_chunk, h)[0]
+        fine = _integrate_pass(t_f, density_f, rgb_f, a, b, h, g)
         chunks.append({**fine, **{f"{k}_coarse": v for k, v in coarse.items()}})
 
     out = {k: torch.cat([c[k] for c in chunks], dim=1) for k in chunks[0]}
@@ -447,6 +553,8 @@ def render_views(
     generator: torch.Generator | None = None,
     deterministic: bool = False,
     chunk_size: int = 4096,
+    query_chunk: int | str | None = "auto",
+    shared_levels: bool = False,
     background: Sequence[float] | Tensor = (0.0, 0.0, 0.0),
     bbox_min: float | Sequence[float] | Tensor = -1.0,
     bbox_max: float | Sequence[float] | Tensor = 1.0,
@@ -507,6 +615,8 @@ def render_views(
             generator=generator,
             deterministic=deterministic,
             chunk_size=None,
+            query_chunk=query_chunk,
+            shared_levels=shared_levels,
             background=background,
             view_z=cams.z[view.flatten()].view(B, -1, 3),
             bbox_min=bbox_min,
