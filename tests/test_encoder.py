@@ -16,6 +16,7 @@ from shapee.encoder import (
     inv_parabola_alpha_bar,
     pixel_points,
 )
+from shapee.encoder.multiview import compose_patch_conv, patch_tokens, split_patch_conv
 
 TINY = dict(
     width=32, heads=2, layers=3, data_ctx=16, latent_ctx=24, d_latent=16, n_points=256, n_views=2,
@@ -159,6 +160,70 @@ def test_mv_embedding_uses_unk_token_for_transparent_pixels():
     b = emb(torch.rand(1, 5, 5, 3) * 2 - 1, origin, pos, valid)
     assert torch.allclose(a[..., 0], b[..., 0])  # column 0 sees only transparent pixels (3×3 kernel)
     assert not torch.allclose(a[..., 1], b[..., 1])  # column 1 sees column 2
+
+
+def _mv_inputs(N=3, S=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(N, S, S, generator=g) > 0.4
+    valid[0, :5] = False  # a transparent band touching the border
+    valid[1] = True
+    return (torch.rand(N, S, S, 3, generator=g, dtype=dtype) * 2 - 1, torch.randn(N, 3, generator=g, dtype=dtype),
+            torch.randn(N, S, S, 3, generator=g, dtype=dtype), valid)
+
+
+def test_composed_view_conv_equals_the_two_convs_values_and_grads():
+    """patch_emb(mv_pcl_embed(x)) (3×3 pad-1 conv, then p×p stride-p conv) == one (p+2)² stride-p conv, with the
+    per-view origin channels folded into a mask conv: same values and the same gradients for every weight."""
+    torch.manual_seed(0)
+    emb = MultiviewPointCloudEmbedding(12).double()
+    patch = torch.nn.Conv2d(12, 20, kernel_size=4, stride=4).double()
+    with torch.no_grad():
+        emb.unk_token.normal_()  # an unk token as large as the features, so masking mistakes show
+    rgb, origin, position, valid = _mv_inputs()
+    ref = patch(emb(rgb, origin, position, valid))  # [3, 20, 4, 4]
+    weight, bias = compose_patch_conv(emb, patch)
+    assert weight.shape == (20, 279, 6, 6)
+    got = patch_tokens(emb, split_patch_conv(emb, weight, bias), rgb, origin, position, valid, stride=4)
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-10, rtol=0)
+    params = [emb.weight, emb.bias, emb.unk_token, patch.weight, patch.bias]
+    probe = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * probe).sum(), params)
+    g_got = torch.autograd.grad((got * probe).sum(), params)
+    for a, b in zip(g_ref, g_got):
+        assert torch.allclose(a, b, atol=1e-9, rtol=0)
+
+
+def test_composed_view_conv_rejects_other_conv_shapes():
+    emb = MultiviewPointCloudEmbedding(12)
+    with pytest.raises(ValueError, match="p×p stride-p"):
+        compose_patch_conv(emb, torch.nn.Conv2d(12, 20, kernel_size=4, stride=2))
+
+
+def test_encoder_view_tokens_equal_reference_and_cache_follows_weights():
+    torch.manual_seed(0)
+    enc = ChannelsEncoder(**TINY).eval()
+    batch = tiny_batch()
+
+    def reference(e, batch=batch):  # the two convs of the reference, view by view
+        rgb, alpha, depth, cams = (batch[k].flatten(0, 1) for k in ("views", "view_alpha", "view_depth", "view_cameras"))
+        rgb, depth = rgb.float(), depth.float()  # the encoder's pixel geometry is fp32 whatever the weights
+        fov = batch["view_fov"].repeat_interleave(batch["views"].shape[1])
+        origin, position = pixel_points(cams, fov, depth, max_depth=e.max_depth)
+        h = e.patch_emb(e.mv_pcl_embed(rgb * 2 - 1, origin, position, alpha >= e.alpha_threshold))  # [B·V, W, 4, 4]
+        return h.flatten(2).transpose(1, 2).reshape(2, -1, e.width)
+
+    with torch.no_grad():
+        first = enc.embed_views(batch)
+        assert torch.allclose(first, reference(enc), atol=2e-5)
+        enc.patch_emb.weight.mul_(2.0)  # an in-place update: the cached composed conv must be rebuilt
+        enc.mv_pcl_embed.unk_token.add_(0.5)
+        second = enc.embed_views(batch)
+        assert not torch.allclose(first, second, atol=1e-3)
+        assert torch.allclose(second, reference(enc), atol=2e-5)
+        enc.double()  # new storage and dtype
+        batch64 = {k: v.double() for k, v in batch.items()}
+        third = enc.embed_views(batch64)
+        assert third.dtype == torch.float64 and torch.allclose(third, reference(enc, batch64), atol=1e-10, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ bottleneck

@@ -13,6 +13,7 @@ from shapee.nn import (
     PosEmbLinear,
     ResidualAttentionBlock,
     ResidualCrossAttentionBlock,
+    SimplePerceiver,
     Transformer,
     nerf_encoding,
     nerf_encoding_width,
@@ -43,6 +44,18 @@ def test_nerf_encoding_widths_and_leading_dims():
     # frequency 2^14 sine of coordinate 1 sits at 3 + 14·3 + 1; its cosine 45 entries later
     assert torch.allclose(out[..., 3 + 14 * 3 + 1], torch.sin(x[..., 1] * 2.0**14), atol=1e-3)
     assert torch.allclose(out[..., 3 + 45 + 1], torch.cos(x[..., 1]), atol=1e-6)
+
+
+def test_nerf_encoding_into_a_slice_is_bit_identical():
+    x = torch.randn(2, 5, 4, 3)
+    wide = torch.full((2, 5, 4, 100), 7.0)
+    got = nerf_encoding(x, 15, out=wide[..., 3:96])
+    assert got.data_ptr() == wide[..., 3:96].data_ptr() and torch.equal(got, nerf_encoding(x, 15))
+    assert torch.all(wide[..., :3] == 7.0) and torch.all(wide[..., 96:] == 7.0)  # nothing outside the slice
+    with pytest.raises(ValueError, match="out must have shape"):
+        nerf_encoding(x, 15, out=wide[..., :92])
+    with pytest.raises(ValueError, match="autograd"):
+        nerf_encoding(x.requires_grad_(), 15, out=wide[..., 3:96])
 
 
 def test_pos_emb_linear_shape_and_bad_input():
@@ -139,6 +152,66 @@ def test_blocks_are_pre_ln_residual_with_exact_gelu():
     )
     y = y + xblk.mlp(F.layer_norm(y, (8,), xblk.ln_3.weight, xblk.ln_3.bias))
     assert torch.allclose(xblk(x, data), y, atol=1e-12)
+
+
+def _naive_mlp(mlp, x):
+    h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
+    return (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ mlp.c_proj.weight.T + mlp.c_proj.bias
+
+
+def _ln(x, ln):
+    return F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inplace_inference_path_equals_naive_blocks(dtype):
+    """Without autograd the stacks update one private residual stream in place (GEMM β = 1, reused buffers, in-place
+    GELU); the result must equal the straightforward per-head computation, leave the input untouched, and equal the
+    autograd path."""
+    torch.manual_seed(0)
+    tr = _randomise(Transformer(width=16, layers=3, heads=2)).to(dtype)
+    x = torch.randn(2, 6, 16, dtype=dtype)
+    x_before = x.clone()
+    ref = x
+    for blk in tr.resblocks:
+        a = blk.attn
+        ref = ref + naive_self_attention(_ln(ref, blk.ln_1), a.c_qkv.weight, a.c_qkv.bias, a.c_proj.weight, a.c_proj.bias, 2)
+        ref = ref + _naive_mlp(blk.mlp, _ln(ref, blk.ln_2))
+    with torch.no_grad():
+        got = tr(x)
+        got_again = tr(x)  # the workspace is per call: a second call gives the same
+    tol = dict(atol=1e-10, rtol=0) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+    assert torch.allclose(got, ref.detach(), **tol)
+    assert torch.equal(got, got_again) and torch.equal(x, x_before) and got.data_ptr() != x.data_ptr()
+    assert torch.allclose(got, tr(x).detach(), **tol)  # autograd path (grad enabled)
+
+    pc = _randomise(SimplePerceiver(width=16, layers=2, heads=2, data_width=12)).to(dtype)
+    data = torch.randn(2, 9, 12, dtype=dtype)
+    ref = x
+    for blk in pc.resblocks:
+        a = blk.attn
+        ref = ref + naive_cross_attention(
+            _ln(ref, blk.ln_1), _ln(data, blk.ln_2), a.c_q.weight, a.c_q.bias, a.c_kv.weight, a.c_kv.bias,
+            a.c_proj.weight, a.c_proj.bias, 2,
+        )
+        ref = ref + _naive_mlp(blk.mlp, _ln(ref, blk.ln_3))
+    with torch.inference_mode():
+        got = pc(x, data)
+    assert torch.allclose(got, ref.detach(), **tol) and torch.equal(x, x_before)
+
+
+def test_inference_path_not_taken_under_autocast_or_dtype_mismatch():
+    torch.manual_seed(0)
+    tr = _randomise(Transformer(width=16, layers=2, heads=2))
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = tr(x)
+        with torch.no_grad():
+            fast = tr(x)
+    assert torch.equal(fast, plain.detach())  # the same (plain, autocast) computation, not the fp32 in-place one
+    with torch.no_grad():  # float64 input into float32 weights: the plain path raises the usual dtype error
+        with pytest.raises(RuntimeError):
+            tr(x.double())
 
 
 def test_init_scale_and_zero_biases():

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from shapee.encoder.bottleneck import ClampDiffusionNoise
-from shapee.encoder.multiview import MultiviewPointCloudEmbedding, pixel_points
+from shapee.encoder.multiview import MultiviewPointCloudEmbedding, compose_patch_conv, patch_tokens, pixel_points, split_patch_conv
 from shapee.encoder.pointconv import PointSetEmbedding
 from shapee.nn.attention import SimplePerceiver, Transformer
 from shapee.nn.encoding import POSITION_OCTAVES, PosEmbLinear
@@ -164,9 +164,26 @@ class ChannelsEncoder(nn.Module):
         """One chunk of views: ``rgb`` ``[n, H, W, 3]`` in [0, 1], ``alpha``/``depth`` ``[n, H, W]``,
         ``matrix`` ``[n, 4, 3]``, ``fov`` ``[n]`` → tokens ``[n, (H/p)·(W/p), width]``."""
         origin, position = pixel_points(matrix, fov, depth, max_depth=self.max_depth)  # [n, 3], [n, H, W, 3]
-        h = self.mv_pcl_embed(rgb * 2.0 - 1.0, origin, position, alpha >= self.alpha_threshold)  # [n, 512, H, W]
-        h = self.patch_emb(h)  # [n, width, H/p, W/p]
+        valid = alpha >= self.alpha_threshold  # [n, H, W]
+        conv = self._composed_view_conv()
+        h = patch_tokens(self.mv_pcl_embed, conv, rgb * 2.0 - 1.0, origin, position, valid, stride=self.patch_size)
+        # h: [n, width, H/p, W/p] = patch_emb(mv_pcl_embed(...)) up to float rounding (one composed conv, §1.3 step 6)
         return h.flatten(2).transpose(1, 2)  # [n, P, width]
+
+    def _composed_view_conv(self) -> dict[str, Tensor]:
+        """``patch_emb ∘ mv_pcl_embed`` as one conv (:func:`compose_patch_conv`, :func:`split_patch_conv`). Without
+        autograd the result is cached until a weight changes (in-place updates bump ``_version``; ``.to()`` gives new
+        storage)."""
+        convs = (self.mv_pcl_embed, self.patch_emb)
+        if torch.is_grad_enabled():
+            return split_patch_conv(self.mv_pcl_embed, *compose_patch_conv(*convs))
+        params = [t for c in convs for t in (c.weight, c.bias)]
+        key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in params]
+        cached = getattr(self, "_view_conv_cache", None)  # (params, key, conv); a plain attribute
+        if cached is None or cached[1] != key or any(a is not b for a, b in zip(cached[0], params)):
+            cached = (params, key, split_patch_conv(self.mv_pcl_embed, *compose_patch_conv(*convs)))
+            self._view_conv_cache = cached
+        return cached[2]
 
     def embed_views(self, batch: dict, *, generator: torch.Generator | None = None) -> Tensor:
         """Multiview pixel-patch tokens ``[B, V·P, width]`` (source 1), processed ``view_chunk`` views at a time."""

@@ -13,7 +13,8 @@ longer matches the released encoder's statistics).
 
 Memory: the grouped map is ``B · (3 + D) · n_samples · M`` floats (269 MB per asset at release sizes), so centroids
 are processed in chunks of ``chunk_size`` (optionally under activation checkpointing); the ball query's distance
-matrix is computed per chunk too.
+matrix is computed per chunk too. The grouped map is gathered from channel-major copies of the points (each gather
+reads one channel row at a time) and each conv's shuffle and circular padding are one gather (:meth:`_sources`).
 """
 
 from __future__ import annotations
@@ -60,13 +61,6 @@ def ball_query(xyz: Tensor, centroids: Tensor, *, radius: float, n_samples: int,
             idx = torch.cat([idx, first.expand(-1, -1, n_samples - k)], dim=-1)  # [B, Mc, S]
         out.append(idx)
     return torch.cat(out, dim=1)  # [B, M, S]
-
-
-def _gather_points(values: Tensor, idx: Tensor) -> Tensor:
-    """``values``: ``[B, N, C]``, ``idx``: ``[B, M, S]`` → ``[B, M, S, C]``."""
-    B, M, S = idx.shape
-    flat = values.gather(1, idx.reshape(B, M * S, 1).expand(-1, -1, values.shape[-1]))  # [B, M·S, C]
-    return flat.view(B, M, S, values.shape[-1])
 
 
 class PointSetEmbedding(nn.Module):
@@ -123,15 +117,33 @@ class PointSetEmbedding(nn.Module):
             for c, s in zip(self.channels[:-1], self.lengths[:-1])
         ]
 
-    def _embed_chunk(self, xyz: Tensor, features: Tensor, centroids: Tensor, idx: Tensor, *perms: Tensor) -> Tensor:
-        """Tokens of one chunk of centroids: ``centroids`` ``[B, Mc, 3]``, ``idx`` ``[B, Mc, S]`` → ``[B, Mc, C_out]``."""
-        rel = _gather_points(xyz, idx) - centroids[:, :, None, :]  # [B, Mc, S, 3]
-        h = torch.cat([rel.to(features.dtype), _gather_points(features, idx)], dim=-1)  # [B, Mc, S, 3 + D]
-        h = h.permute(0, 3, 2, 1)  # [B, C, S, Mc]
-        for i, conv in enumerate(self.mlp_convs):
-            if perms:
-                h = h.gather(2, perms[i][..., None].expand(-1, -1, -1, h.shape[-1]))  # [B, C, S, Mc] shuffled
-            h = F.silu(conv(h))  # [B, C', S', Mc]
+    def _sources(self, perms: list[Tensor | None], batch: int, device: torch.device) -> list[Tensor]:
+        """Per conv, where each row of its shuffled, circularly padded input comes from: ``[B, C_l, S_l + 2·pad]``.
+
+        Row ``s'`` of the padded map is row ``(s' − pad) mod S`` of the shuffled map, i.e. row ``perm[(s' − pad) mod S]``
+        of the unshuffled one: one gather does both the shuffle and the circular padding of ``nn.Conv2d``."""
+        sources = []
+        for conv, perm, c, length in zip(self.mlp_convs, perms, self.channels[:-1], self.lengths[:-1]):
+            pad = conv.padding[0]
+            wrap = (torch.arange(length + 2 * pad, device=device) - pad) % length  # [S + 2·pad]
+            if perm is None:
+                sources.append(wrap.expand(batch, c, -1))
+            else:
+                sources.append(perm.gather(2, wrap.expand(batch, c, -1)))
+        return sources
+
+    def _embed_chunk(self, xyz_t: Tensor, features_t: Tensor, centroids: Tensor, idx: Tensor, *sources: Tensor) -> Tensor:
+        """Tokens of one chunk of centroids: ``xyz_t`` ``[B, 3, N]``, ``features_t`` ``[B, D, N]`` (channel-major, so
+        every gather reads one channel row at a time), ``centroids`` ``[B, Mc, 3]``, ``idx`` ``[B, Mc, S]``,
+        ``sources`` from :meth:`_sources` → ``[B, Mc, C_out]``."""
+        B, Mc, S = idx.shape
+        flat = idx.transpose(1, 2).reshape(B, 1, S * Mc)  # [B, 1, S·Mc], neighbour-major
+        rel = xyz_t.gather(2, flat.expand(-1, 3, -1)).view(B, 3, S, Mc) - centroids.transpose(1, 2)[:, :, None, :]
+        feats = features_t.gather(2, flat.expand(-1, features_t.shape[1], -1)).view(B, -1, S, Mc)  # [B, D, S, Mc]
+        h = torch.cat([rel.to(features_t.dtype), feats], dim=1)  # [B, C, S, Mc]: the grouped map
+        for conv, src in zip(self.mlp_convs, sources):
+            h = h.gather(2, src[..., None].expand(-1, -1, -1, Mc))  # [B, C, S + 2·pad, Mc] shuffled, circularly padded
+            h = F.silu(F.conv2d(h, conv.weight, conv.bias, stride=conv.stride))  # [B, C', S', Mc] (padding done above)
         return h.mean(dim=2).transpose(1, 2)  # [B, Mc, C_out]
 
     def forward(self, xyz: Tensor, features: Tensor, centroids: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -141,14 +153,15 @@ class PointSetEmbedding(nn.Module):
                 f"point features must have shape [B, N, {self.channels[0] - 3}] matching xyz {tuple(xyz.shape)}, "
                 f"got {tuple(features.shape)}"
             )
-        perms = [p for p in self._permutations(xyz.shape[0], xyz.device, generator) if p is not None]
+        sources = self._sources(self._permutations(xyz.shape[0], xyz.device, generator), xyz.shape[0], xyz.device)
+        xyz_t, features_t = xyz.transpose(1, 2).contiguous(), features.transpose(1, 2).contiguous()  # [B, 3 | D, N]
         tokens = []
         for start in range(0, centroids.shape[1], self.chunk_size):
             c = centroids[:, start : start + self.chunk_size]  # [B, Mc, 3]
             with torch.no_grad():
                 idx = ball_query(xyz, c, radius=self.radius, n_samples=self.n_samples)  # [B, Mc, S]
             if self.checkpoint and torch.is_grad_enabled():
-                tokens.append(activation_checkpoint(self._embed_chunk, xyz, features, c, idx, *perms, use_reentrant=False))
+                tokens.append(activation_checkpoint(self._embed_chunk, xyz_t, features_t, c, idx, *sources, use_reentrant=False))
             else:
-                tokens.append(self._embed_chunk(xyz, features, c, idx, *perms))
+                tokens.append(self._embed_chunk(xyz_t, features_t, c, idx, *sources))
         return torch.cat(tokens, dim=1)  # [B, M, C_out]

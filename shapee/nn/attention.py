@@ -15,6 +15,12 @@ Layouts that matter for loading weights:
 
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel on GPU
 (flash / memory-efficient) and keeps the softmax in fp32 under bf16/fp16 autocast.
+
+Inference fast path: without autograd and autocast, :class:`Transformer` and :class:`SimplePerceiver` run their blocks
+on one private copy of the residual stream that every block updates in place (``x += h·Wᵀ`` as a GEMM with β = 1,
+then ``+= b``), with the fused-QKV and 4W MLP activations written into buffers reused from block to block and the
+GELU applied in place. Same math, fewer full passes over memory and no fresh large allocations per block (about 7 %
+of a text300M forward on a 2-core CPU); outputs equal the plain path to float rounding (tests/test_nn.py).
 """
 
 from __future__ import annotations
@@ -42,6 +48,33 @@ def _check_heads(width: int, heads: int) -> int:
     return width // heads
 
 
+def _inference_fast_path(x: Tensor, module: nn.Module) -> bool:
+    """Whether :meth:`Transformer.forward` / :meth:`SimplePerceiver.forward` may run the in-place inference path:
+    no autograd (nothing to save for backward), no autocast (buffers keep the weights' dtype), matching dtypes."""
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    p = next(module.parameters(), None)
+    return p is not None and p.dtype == x.dtype and p.device == x.device
+
+
+def _buffer(workspace: dict[str, Tensor], name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A scratch tensor reused across blocks (allocated on first use or when the shape changes)."""
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = like.new_empty(shape)
+    return buf
+
+
+def _linear_into(layer: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
+    """``out ← x·Wᵀ + b`` for ``x`` ``[T, in]``, ``out`` ``[T, out]`` (no fresh allocation)."""
+    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+
+
+def _add_linear_(residual: Tensor, layer: nn.Linear, x: Tensor) -> Tensor:
+    """``residual += x·Wᵀ + b`` in place (GEMM with β = 1, then the bias): ``residual`` ``[T, out]``, ``x`` ``[T, in]``."""
+    return residual.addmm_(x, layer.weight.t()).add_(layer.bias)
+
+
 class MLP(nn.Module):
     """Linear(W, 4W) → exact GELU → Linear(4W, W) (keys ``c_fc``, ``c_proj``)."""
 
@@ -54,6 +87,11 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[..., W] → [..., W]``."""
         return self.c_proj(F.gelu(self.c_fc(x)))
+
+    def residual_(self, residual: Tensor, x: Tensor, workspace: dict[str, Tensor]) -> Tensor:
+        """Inference only: ``residual += mlp(x)`` in place; ``residual``, ``x`` ``[T, W]``."""
+        hidden = _linear_into(self.c_fc, x, _buffer(workspace, "mlp", (x.shape[0], self.c_fc.out_features), x))  # [T, 4W]
+        return _add_linear_(residual, self.c_proj, torch.ops.aten.gelu_(hidden))  # exact GELU, as F.gelu
 
 
 class MultiheadAttention(nn.Module):
@@ -73,6 +111,16 @@ class MultiheadAttention(nn.Module):
         q, k, v = qkv.split(self.head_dim, dim=-1)  # 3 × [B, H, N, d]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d], scale 1/sqrt(d)
         return self.c_proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, W]
+
+    def residual_(self, residual: Tensor, x: Tensor, workspace: dict[str, Tensor]) -> Tensor:
+        """Inference only: ``residual += attn(x)`` in place; ``residual``, ``x`` ``[B, N, W]`` contiguous."""
+        B, N, W = x.shape
+        qkv = _linear_into(self.c_qkv, x.view(B * N, W), _buffer(workspace, "qkv", (B * N, 3 * W), x))  # [B·N, 3W]
+        qkv = rearrange(qkv.view(B, N, 3 * W), "b n (h e) -> b h n e", h=self.heads)  # [B, H, N, 3d], per-head q|k|v
+        out = F.scaled_dot_product_attention(*qkv.split(self.head_dim, dim=-1))  # [B, H, N, d]
+        out = rearrange(out, "b h n d -> (b n) (h d)")  # [B·N, W]
+        _add_linear_(residual.view(B * N, W), self.c_proj, out)
+        return residual
 
 
 class MultiheadCrossAttention(nn.Module):
@@ -96,6 +144,17 @@ class MultiheadCrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, d]
         return self.c_proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, W]
 
+    def residual_(self, residual: Tensor, x: Tensor, data: Tensor, workspace: dict[str, Tensor]) -> Tensor:
+        """Inference only: ``residual += attn(x, data)`` in place; ``residual``, ``x`` ``[B, N, W]`` contiguous."""
+        B, N, W = x.shape
+        q = _linear_into(self.c_q, x.view(B * N, W), _buffer(workspace, "q", (B * N, W), x))  # [B·N, W]
+        q = rearrange(q.view(B, N, W), "b n (h d) -> b h n d", h=self.heads)  # [B, H, N, d]
+        kv = rearrange(self.c_kv(data), "b m (h e) -> b h m e", h=self.heads)  # [B, H, M, 2d], per-head k|v
+        out = F.scaled_dot_product_attention(q, *kv.split(self.head_dim, dim=-1))  # [B, H, N, d]
+        out = rearrange(out, "b h n d -> (b n) (h d)")  # [B·N, W]
+        _add_linear_(residual.view(B * N, W), self.c_proj, out)
+        return residual
+
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN self-attention block: ``x + attn(ln_1 x)``, then ``x + mlp(ln_2 x)``."""
@@ -111,6 +170,12 @@ class ResidualAttentionBlock(nn.Module):
         """``[B, N, W] → [B, N, W]``."""
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def forward_(self, x: Tensor, workspace: dict[str, Tensor]) -> Tensor:
+        """Inference only: the same block applied to ``x`` ``[B, N, W]`` (contiguous) **in place**; returns ``x``."""
+        self.attn.residual_(x, self.ln_1(x), workspace)
+        self.mlp.residual_(x.view(-1, x.shape[-1]), self.ln_2(x).view(-1, x.shape[-1]), workspace)
+        return x
 
 
 class ResidualCrossAttentionBlock(nn.Module):
@@ -129,6 +194,12 @@ class ResidualCrossAttentionBlock(nn.Module):
         """``x``: ``[B, N, W]``, ``data``: ``[B, M, D]`` → ``[B, N, W]``."""
         x = x + self.attn(self.ln_1(x), self.ln_2(data))
         return x + self.mlp(self.ln_3(x))
+
+    def forward_(self, x: Tensor, data: Tensor, workspace: dict[str, Tensor]) -> Tensor:
+        """Inference only: the same block applied to ``x`` ``[B, N, W]`` (contiguous) **in place**; returns ``x``."""
+        self.attn.residual_(x, self.ln_1(x), self.ln_2(data), workspace)
+        self.mlp.residual_(x.view(-1, x.shape[-1]), self.ln_3(x).view(-1, x.shape[-1]), workspace)
+        return x
 
 
 class Transformer(nn.Module):
@@ -151,6 +222,11 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, N, W] → [B, N, W]``."""
+        if _inference_fast_path(x, self):
+            x, workspace = x.clone(memory_format=torch.contiguous_format), {}  # our own residual stream
+            for block in self.resblocks:
+                block.forward_(x, workspace)
+            return x
         for block in self.resblocks:
             if self.checkpoint and torch.is_grad_enabled():
                 x = activation_checkpoint(block, x, use_reentrant=False)
@@ -181,6 +257,11 @@ class SimplePerceiver(nn.Module):
 
     def forward(self, x: Tensor, data: Tensor) -> Tensor:
         """``x``: ``[B, N, W]``, ``data``: ``[B, M, D]`` → ``[B, N, W]``."""
+        if _inference_fast_path(x, self):
+            x, workspace = x.clone(memory_format=torch.contiguous_format), {}  # our own residual stream
+            for block in self.resblocks:
+                block.forward_(x, data, workspace)
+            return x
         for block in self.resblocks:
             if self.checkpoint and torch.is_grad_enabled():
                 x = activation_checkpoint(block, x, data, use_reentrant=False)

@@ -23,17 +23,30 @@ def nerf_encoding_width(channels: int, n_octaves: int = POSITION_OCTAVES) -> int
     return channels * (1 + 2 * n_octaves)
 
 
-def nerf_encoding(x: Tensor, n_octaves: int = POSITION_OCTAVES) -> Tensor:
+def nerf_encoding(x: Tensor, n_octaves: int = POSITION_OCTAVES, *, out: Tensor | None = None) -> Tensor:
     """NeRF positional encoding along the last axis: ``[..., C] → [..., C · (1 + 2 · n_octaves)]``.
 
     Output = ``[x, sin(2^k x_c) for k, c, cos(2^k x_c) for k, c]`` with ``k`` the slow (frequency) index and ``c`` the
     fast (coordinate) index. The cosine is computed as ``sin(· + π/2)``, as the official code does, so that encoded
     values match the released models bit for bit rather than to within rounding.
+
+    ``out``: an optional ``[..., C·(1 + 2n)]`` tensor (e.g. a slice of a wider feature map) written in place and
+    returned, which saves the concatenations for large inputs; no autograd through it (same values, bit for bit).
     """
     if n_octaves < 1:
         raise ValueError(f"n_octaves must be >= 1, got {n_octaves}")
     scales = 2.0 ** torch.arange(n_octaves, device=x.device, dtype=x.dtype)  # [n]
     scaled = (x[..., None, :] * scales[:, None]).flatten(-2)  # [..., n, C] → [..., n·C] frequency-major
+    if out is not None:
+        C, nC = x.shape[-1], scaled.shape[-1]
+        if out.shape != (*x.shape[:-1], C + 2 * nC):
+            raise ValueError(f"nerf_encoding: out must have shape {(*x.shape[:-1], C + 2 * nC)}, got {tuple(out.shape)}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("nerf_encoding: out= does not support autograd; call it without out")
+        out[..., :C] = x
+        torch.sin(scaled, out=out[..., C : C + nC])  # [..., n·C] sines
+        torch.sin(scaled.add_(math.pi / 2), out=out[..., C + nC :])  # [..., n·C] cosines as sin(· + π/2)
+        return out
     emb = torch.sin(torch.cat([scaled, scaled + math.pi / 2], dim=-1))  # [..., 2·n·C] sines then cosines
     return torch.cat([x, emb], dim=-1)  # [..., C·(1 + 2n)]
 

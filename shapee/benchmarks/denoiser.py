@@ -1,0 +1,126 @@
+"""Benchmark of the latent diffusion Transformer at the released size: one denoiser forward (reference §5.1–5.2).
+
+Defaults are the official text300M prior (width 1024, 24 layers, 16 heads, CLIP text conditioning [B, 768]) at batch 2
+(one classifier-free-guidance pair); ``cond="image"`` gives image300M (8 heads, a [B, 256, 1024] CLIP patch grid).
+Inputs are synthetic tensors of the real shapes: speed does not depend on the values. Timings: ``warmup`` untimed
+runs (the first one also compiles under ``compile=True``), then the median of ``repeats``; CUDA timed with events after
+a synchronise. The process's CPU seconds are reported too (on a shared machine they move less than wall time).
+Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's peak resident set (``ru_maxrss``),
+which includes everything the process touched before (the model's weights among it).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+IMAGE_DEFAULTS = {"heads": 8, "cond_dim": 1024}  # image300M: head dim 128, CLIP ViT-L/14 patch width (§8.3.11)
+
+
+def _seconds(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    cpu0 = time.process_time()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0, time.process_time() - cpu0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def bench_denoiser(
+    *,
+    batch_size: int = 2,
+    cond: str = "text",
+    precision: str = "auto",
+    device: str | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    compile: bool = False,
+    **model_overrides,
+) -> dict:
+    """Parameters, forward seconds (median of ``repeats``) and peak memory of one ``LatentDenoiser`` forward.
+
+    ``precision``: ``"auto"`` (bf16 autocast on a CUDA device that supports it, else fp32), ``"fp32"`` or ``"bf16"``
+    (autocast; slower than fp32 on CPUs without AMX). ``compile=True`` wraps the model in :func:`torch.compile`
+    (inductor; needs a C++ compiler on CPU); its compile time shows in ``first_call_seconds``, not in the median.
+    ``model_overrides`` go to :class:`~shapee.models.denoiser.LatentDenoiser` (e.g. ``layers=2`` for a quick run).
+    Returns a JSON-ready dict.
+    """
+    from shapee.models.denoiser import LatentDenoiser
+
+    if cond not in ("text", "image"):
+        raise ValueError(f"cond must be 'text' or 'image', got {cond!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    kwargs = {**(IMAGE_DEFAULTS if cond == "image" else {}), **model_overrides, "cond_mode": cond}
+    model = LatentDenoiser(**kwargs).to(dev).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(batch_size, model.n_ctx, model.d_latent, generator=g).to(dev)  # [B, n_ctx, d_latent]
+    t = torch.randint(0, 1024, (batch_size,), generator=g).to(dev)  # [B]
+    if cond == "text":
+        c = torch.nn.functional.normalize(torch.randn(batch_size, model.cond_dim, generator=g), dim=-1).to(dev)  # [B, D]
+    else:
+        c = torch.randn(batch_size, model.cond_tokens, model.cond_dim, generator=g).to(dev)  # [B, 256, D]
+    fn = torch.compile(model) if compile else model
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def forward():
+        with torch.no_grad(), autocast:
+            return fn(x_t, t, c)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    first = None
+    for _ in range(warmup):
+        s, _ = _seconds(forward, dev)
+        first = s if first is None else first
+    times, cpu = zip(*[_seconds(forward, dev) for _ in range(repeats)])
+    if dev.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(dev) / 1024**3, "cuda max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "process peak RSS (CPU, ru_maxrss)"
+    return {
+        "settings": {"batch_size": batch_size, "cond": cond, "precision": "bf16" if bf16 else "fp32", "compile": compile,
+                     "repeats": repeats, "warmup": warmup, "model": {k: v for k, v in kwargs.items()}},
+        "params": n_params,
+        "seconds_median": statistics.median(times),
+        "seconds": list(times),
+        "cpu_seconds_median": statistics.median(cpu),  # all threads; ≈ threads × wall on an idle machine
+        "first_call_seconds": first if first is not None else times[0],
+        "peak_memory_gb": peak,
+        "memory_kind": kind,
+        "machine": {"device": str(dev),
+                    "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+
+
+def format_denoiser_table(result: dict) -> str:
+    """A short human-readable summary of :func:`bench_denoiser`'s result."""
+    s, m = result["settings"], result["machine"]
+    overrides = {k: v for k, v in s["model"].items() if k != "cond_mode"}
+    return "\n".join([
+        f"latent denoiser ({s['cond']} conditioning{', ' + str(overrides) if overrides else ''}), batch {s['batch_size']}, "
+        f"{s['precision']}{', torch.compile' if s['compile'] else ''} on {m['device']} ({m['threads']} threads, torch {m['torch']})",
+        f"  parameters: {result['params'] / 1e6:.1f} M",
+        f"  forward: {result['seconds_median']:.3f} s median of {len(result['seconds'])} "
+        f"({', '.join(f'{x:.3f}' for x in result['seconds'])}), {result['cpu_seconds_median']:.2f} CPU-s; "
+        f"first call {result['first_call_seconds']:.3f} s",
+        f"  peak memory: {result['peak_memory_gb']:.2f} GB [{result['memory_kind']}]",
+    ])
