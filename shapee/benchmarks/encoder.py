@@ -140,55 +140,84 @@ def _memory(dev: torch.device, rss_before_gb: float, batch_size: int) -> dict:
 def bench_nerf(
     *,
     n_assets: int = 1,
-    rays: int = 4096,
+    resolution: int = 64,
     n_coarse: int = 64,
     n_fine: int = 128,
     repeats: int = 3,
     warmup: int = 1,
     precision: str = "auto",
     device: str | None = None,
+    shared_levels: bool = True,
+    query_chunk: int | str | None = "auto",
+    chunk_size: int = 4096,
     mlp_kwargs: dict | None = None,
 ) -> dict:
-    """NeRF rendering throughput (rays per second) of the released-size NeRSTF MLP, 64 + 128 samples per ray."""
+    """Seconds to NeRF-render one whole ``resolution``² view per asset with the released-size NeRSTF MLP.
+
+    Each asset gets its own random latent and camera; :func:`shapee.render.nerf.render_views` renders every pixel
+    of its view (n_coarse + n_fine samples per ray). ``shared_levels``: evaluate the coarse samples once for both
+    heads (the MLP answers both levels from one forward), as the renderer allows; False re-queries them in the
+    fine pass as the official code does (same image). ``query_chunk``/``chunk_size``: as in ``render_views``.
+    Returns ``seconds_median`` (wall per render of all assets, the latent → MLP weights projection included),
+    ``seconds_per_view`` (per asset's view; also as ``seconds_per_64x64_view`` when ``resolution`` = 64),
+    ``rays_per_second`` and on CPU ``cpu_seconds_median`` (process CPU time per render, less sensitive to other
+    processes than wall time).
+    """
     from shapee.implicit import ChannelsParamsProj, NeRSTFMLP
-    from shapee.render.nerf import render_rays
+    from shapee.render.nerf import BOTH_LEVELS, render_views
 
     dev = _device(device)
     dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()) else None
-    mlp = NeRSTFMLP(**(mlp_kwargs or {})).to(dev).eval()
-    proj = ChannelsParamsProj(param_shapes=mlp.meta_parameter_shapes()).to(dev).eval()
+    with torch.random.fork_rng(devices=[]):  # seeded inits (the same field every run), caller's RNG untouched
+        torch.manual_seed(0)
+        mlp = NeRSTFMLP(**(mlp_kwargs or {})).to(dev).eval()
+        proj = ChannelsParamsProj(param_shapes=mlp.meta_parameter_shapes()).to(dev).eval()
     rows = sum(r for r, _ in mlp.meta_parameter_shapes().values())
     g = torch.Generator(device="cpu").manual_seed(0)
     latent = (torch.rand(n_assets, rows, proj.d_latent, generator=g) * 2 - 1).to(dev)
-    cams = random_cameras(n_assets, resolution=64, generator=g).to(dev)
-    idx = torch.randint(64 * 64, (n_assets, rays), generator=g).to(dev)
-    origins, directions = cams.pixel_rays(
-        torch.arange(n_assets, device=dev)[:, None].expand(-1, rays).flatten(), (idx // 64).flatten(), (idx % 64).flatten()
-    )
-    origins, directions = origins.view(n_assets, rays, 3), directions.view(n_assets, rays, 3)
+    cams = random_cameras(n_assets, resolution=resolution, generator=g).to(dev)
+    per_asset = [cams[i : i + 1] for i in range(n_assets)]  # one view of its own per asset
     autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
+    cpu_times: list[float] = []
 
     def render():
+        c0 = time.process_time()
         with torch.no_grad(), autocast:
             params = proj(latent)
 
             def query(points, level):
                 B, R, S, _ = points.shape
                 out = mlp(params, points.reshape(B, R * S, 3))
-                return out[f"density_{level}"].reshape(B, R, S), out[f"nerf_rgb_{level}"].reshape(B, R, S, 3)
 
-            return render_rays(query, origins, directions, n_coarse=n_coarse, n_fine=n_fine, chunk_size=4096)
+                def heads(lv):
+                    return out[f"density_{lv}"].reshape(B, R, S), out[f"nerf_rgb_{lv}"].reshape(B, R, S, 3)
+
+                return {"coarse": heads("coarse"), "fine": heads("fine")} if level == BOTH_LEVELS else heads(level)
+
+            images = render_views(query, per_asset, n_coarse=n_coarse, n_fine=n_fine, chunk_size=chunk_size,
+                                  query_chunk=query_chunk, shared_levels=shared_levels,
+                                  generator=torch.Generator(device=dev).manual_seed(1))
+        cpu_times.append(time.process_time() - c0)
+        return images
 
     times = _timed(render, dev, repeats, warmup)
     median = statistics.median(times)
-    return {
-        "settings": {"n_assets": n_assets, "rays_per_asset": rays, "n_coarse": n_coarse, "n_fine": n_fine,
+    rays = n_assets * resolution * resolution
+    result = {
+        "settings": {"n_assets": n_assets, "resolution": resolution, "rays_per_asset": resolution * resolution,
+                     "n_coarse": n_coarse, "n_fine": n_fine, "shared_levels": shared_levels,
+                     "query_chunk": query_chunk, "chunk_size": chunk_size,
                      "precision": "bf16" if dtype is not None else "fp32", "device": str(dev), "threads": torch.get_num_threads()},
         "seconds_median": median,
         "seconds": times,
-        "rays_per_second": n_assets * rays / median,
-        "seconds_per_64x64_view": 64 * 64 / (n_assets * rays / median),
+        "rays_per_second": rays / median,
+        "seconds_per_view": median / n_assets,
     }
+    if resolution == 64:
+        result["seconds_per_64x64_view"] = median / n_assets
+    if dev.type == "cpu":
+        result["cpu_seconds_median"] = statistics.median(cpu_times[warmup:])
+    return result
 
 
 def format_encoder_table(enc: dict, nerf: dict | None = None) -> str:
