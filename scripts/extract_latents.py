@@ -4,7 +4,9 @@
         [batch_size=8] [cond=text|image] [encoder_format=auto|shapee|official]
     torchrun --nproc_per_node=8 scripts/extract_latents.py records=... encoder=... out=...
 
-Resumable: assets already listed in <out>/manifest*.jsonl are skipped.
+Resumable: assets already listed in <out>/manifest*.jsonl are skipped. A broken record (unreadable, wrong shapes) is
+skipped and recorded in <out>/failures.jsonl and the run goes on (exit 0; the summary counts them); reruns skip
+recorded failures too unless retry_failed=true.
 """
 
 import json

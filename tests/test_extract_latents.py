@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -226,3 +227,83 @@ def test_latent_records_are_float16_within_bound_or_exact_float32(tmp_path):
         collate_latents([{"latent": torch.zeros(2, 2)}, {"latent": torch.zeros(3, 2)}])
     lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(line)["asset_id"] for line in lines] == ["a", "b"]
+
+
+def _records_copy(records, dest):
+    """A private copy of the tiny records folder (tests corrupt its files) and its sorted asset ids."""
+    import shutil
+
+    shutil.copytree(records, dest)
+    return dest, sorted(AssetDataset(dest, load_targets=False, load_sdf=False).asset_ids)
+
+
+def test_a_corrupt_record_is_skipped_recorded_and_not_redone(inputs, tmp_path):
+    records, encoder = inputs
+    records, ids = _records_copy(records, tmp_path / "records")
+    bad = records / "records" / f"{ids[1]}.npz"
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[: len(good_bytes) // 3])  # a truncated record
+    out = tmp_path / "latents"
+    proc = run_script("extract_latents.py", f"records={records}", f"encoder={encoder}", f"out={out}", "device=cpu",
+                      "progress=false", "num_workers=0", "batch_size=2", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 4 records failed" in proc.stderr and "failures.jsonl" in proc.stderr
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert (summary["extracted"], summary["failed"], summary["skipped_failed"]) == (3, 1, 0)
+    assert sorted(read_latent_manifests(out)) == [ids[0], ids[2], ids[3]]
+    assert len(LatentDataset(out)) == 3
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 1
+    (failure,) = failures
+    assert failure["asset"] == ids[1] and failure["source"] == str(bad) and failure["stage"] == "read"
+    assert str(bad) in failure["error"] and "unreadable" in failure["error"]
+    # A rerun is a no-op: nothing re-encoded, the failure stays on record and is not retried (prepare_data's rule).
+    log = (out / "failures.jsonl").read_bytes()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "latents").iterdir()}
+    again = extract_latents(extract_config(records, encoder, out, batch_size=2))
+    assert (again["extracted"], again["failed"], again["skipped_done"], again["skipped_failed"]) == (0, 0, 3, 1)
+    assert (out / "failures.jsonl").read_bytes() == log
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "latents").iterdir()} == mtimes
+    # Once the record is repaired, retry_failed=true encodes it and drops its failure line.
+    bad.write_bytes(good_bytes)
+    retried = extract_latents(extract_config(records, encoder, out, batch_size=2, retry_failed=True))
+    assert (retried["extracted"], retried["failed"], retried["skipped_done"]) == (1, 0, 3)
+    assert sorted(read_latent_manifests(out)) == ids and (out / "failures.jsonl").read_text() == ""
+
+
+def _rewrite(path, **changes):
+    """Rewrite the record at ``path`` with some arrays replaced (write_record checks dtypes, not shapes)."""
+    from shapee.data.records import write_record
+
+    meta, arrays = read_record(path)
+    write_record(path, {**arrays, **{k: v(arrays[k]) for k, v in changes.items()}}, meta)
+
+
+def test_records_of_wrong_shape_fail_with_clear_errors_in_training_and_are_skipped_by_extraction(inputs, tmp_path):
+    from shapee.data.records import RecordError
+
+    records, encoder = inputs
+    records, ids = _records_copy(records, tmp_path / "records")
+    rec = {i: records / "records" / f"{i}.npz" for i in ids}
+    _rewrite(rec[ids[0]], points_xyz=lambda a: np.ascontiguousarray(a[:, :2]))  # [P, 2]: not xyz
+    _rewrite(rec[ids[2]], view_depth=lambda a: a[:2])  # 2 depth maps for 4 views
+    half = {k: (lambda a: np.ascontiguousarray(a[:, ::2, ::2])) for k in ("views", "view_alpha", "view_depth")}
+    _rewrite(rec[ids[3]], **half)  # consistent, but 32² views for a 64² encoder
+    # Training reads fail loudly, naming the record, the array and the problem (RecordError is a ValueError).
+    train = AssetDataset(records)
+    with pytest.raises(RecordError, match=re.escape(f"{rec[ids[0]]}: array 'points_xyz' has shape (1024, 2), expe")):
+        train[0]
+    with pytest.raises(ValueError, match=re.escape(f"{rec[ids[2]]}: array 'view_depth' has shape (2, 64, 64)")) as err:
+        train[2]
+    assert "but 'views' has V=4" in str(err.value)
+    assert train[1]["points"].shape == (1024, 6)
+    # Extraction (in DataLoader workers) skips all three with their reasons and encodes the good one.
+    out = tmp_path / "latents"
+    summary = extract_latents(extract_config(records, encoder, out, batch_size=4, num_workers=2))
+    assert (summary["extracted"], summary["failed"]) == (1, 3)
+    assert sorted(read_latent_manifests(out)) == [ids[1]]
+    failures = {e["asset"]: e for e in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert sorted(failures) == [ids[0], ids[2], ids[3]]
+    assert "'points_xyz' has shape (1024, 2)" in failures[ids[0]]["error"]
+    assert "'view_depth' has shape (2, 64, 64)" in failures[ids[2]]["error"]
+    assert f"record {rec[ids[3]]}: views are 32x32, the encoder takes 64x64" == failures[ids[3]]["error"]

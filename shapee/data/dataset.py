@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from shapee.data.records import AssetRecord, read_manifests, read_record, select_assets
+from shapee.data.records import RECORD_ARRAYS, AssetRecord, RecordError, read_manifests, read_record, select_assets
 
 
 class AssetDataset(Dataset):
@@ -83,14 +83,16 @@ class AssetDataset(Dataset):
             keys += ["target_rgb", "target_alpha", "target_depth", "target_cameras"]
         if self.load_sdf:
             keys += ["sdf_points", "sdf"]
-        meta, a = read_record(self.root / rec.record, keys)  # the arrays left out are not read from disk
+        path = self.root / rec.record
+        meta, a = read_record(path, keys)  # the arrays left out are not read from disk
+        _check_arrays(path, meta, a)
         nv = self.n_views
         views = a["views"][:nv]
         if nv is not None and views.shape[0] < nv:
-            raise ValueError(f"record {rec.record}: has {views.shape[0]} views, n_views={nv} asked")
+            raise RecordError(f"record {path}: has {views.shape[0]} views, n_views={nv} asked")
         n_points = self.n_points
         if n_points is not None and a["points_xyz"].shape[0] < n_points:
-            raise ValueError(f"record {rec.record}: has {a['points_xyz'].shape[0]} points, n_points={n_points} asked")
+            raise RecordError(f"record {path}: has {a['points_xyz'].shape[0]} points, n_points={n_points} asked")
         fov = torch.tensor(meta["fov"], dtype=torch.float32)
         points = np.concatenate(
             [a["points_xyz"][:n_points], a["points_rgb"][:n_points].astype(np.float32) / 255.0], axis=-1
@@ -131,6 +133,42 @@ class AssetDataset(Dataset):
         train = AssetDataset(self.root, asset_ids=[i for i in self.asset_ids if i not in held], **kwargs)
         held_out = AssetDataset(self.root, asset_ids=[i for i in self.asset_ids if i in held], **kwargs)
         return train, held_out
+
+
+# Array name → its shape with symbolic sizes (V views, T targets, H×W pixels, P points, S sdf samples).
+_SHAPES: dict[str, tuple] = {
+    "views": ("V", "H", "W", 3), "view_alpha": ("V", "H", "W"), "view_depth": ("V", "H", "W"),
+    "view_cameras": ("V", 4, 3),
+    "target_rgb": ("T", "h", "w", 3), "target_alpha": ("T", "h", "w"), "target_depth": ("T", "h", "w"),
+    "target_cameras": ("T", 4, 3),
+    "points_xyz": ("P", 3), "points_rgb": ("P", 3), "sdf_points": ("S", 3), "sdf": ("S",),
+}
+
+
+def _check_arrays(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Raise :class:`RecordError` naming ``path`` and the array unless every array read has the dtype and shape
+    of the record format (sizes that must agree across arrays, e.g. ``V`` of ``views`` and ``view_depth``, do)
+    and ``meta["fov"]`` is a finite angle: a corrupt record fails here, not deep inside the encoder or collate."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, a in arrays.items():
+        if a.dtype != RECORD_ARRAYS[name]:
+            raise RecordError(f"record {path}: array {name!r} is {a.dtype}, the format has {RECORD_ARRAYS[name]}")
+        want = _SHAPES[name]
+        if a.ndim != len(want):
+            raise RecordError(f"record {path}: array {name!r} has shape {a.shape}, expected {list(want)}")
+        for dim, (n, w) in enumerate(zip(a.shape, want)):
+            if isinstance(w, int):
+                if n != w:
+                    raise RecordError(f"record {path}: array {name!r} has shape {a.shape}, expected {list(want)}")
+            elif w in sizes and sizes[w][0] != n:
+                first, other = sizes[w]
+                raise RecordError(f"record {path}: array {name!r} has shape {a.shape} (size {w}={n} in dim {dim}), "
+                                  f"but {other!r} has {w}={first}")
+            else:
+                sizes.setdefault(w, (n, name))
+    fov = meta.get("fov")
+    if not isinstance(fov, (int, float)) or not 0 < fov < np.pi:
+        raise RecordError(f"record {path}: meta 'fov' must be an angle in (0, pi) radians, got {fov!r}")
 
 
 def _image(x: np.ndarray) -> Tensor:

@@ -7,6 +7,13 @@ list from the ``r``-th; no process group is needed) and resumes from what is on 
 ``manifest*.jsonl`` of the output folder are skipped, whatever world size wrote them (unless their record lacks the
 conditioning this run stores: a ``cond=image`` run redoes text-only records).
 
+One broken record does not stop the run (the prepare-data precedent, :mod:`shapee.data.prepare`): a record that
+cannot be read (truncated or garbage file, missing arrays, wrong dtypes or shapes, a resolution or view/point count
+the encoder cannot take) is skipped and recorded as one JSON line ``{"asset", "source" (the record file), "stage",
+"error"}`` in ``<out>/failures.jsonl`` (``failures-<r>-of-<n>.jsonl`` per rank of a multi-process run); the summary
+counts them. Like prepare-data, a rerun skips recorded failures too (they stay on record); ``retry_failed=true``
+drops this rank's failure lines for its assets and tries them again (e.g. after re-preparing the records).
+
 Note: the released point-conv shuffles neighbours randomly even in eval mode (reference §8.3.1), so encoding is
 stochastic; ``seed`` fixes it per run (the same batches give the same latents).
 """
@@ -14,6 +21,7 @@ stochastic; ``seed`` fixes it per run (the same batches give the same latents).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shapee.data.latents import read_latent_manifests, write_latent_record
+from shapee.data.records import RecordError, append_jsonl, failures_name, read_failures, read_jsonl, write_jsonl_atomic
 
 ENCODER_FORMATS = ("auto", "shapee", "official")
 
@@ -120,17 +129,56 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+class _GuardedItems(torch.utils.data.Dataset):
+    """``AssetDataset`` items that never raise for one record's problem: a record that cannot be read, or that the
+    encoder cannot take (views not ``image_size``²), becomes ``{"failure": {...}}`` (a failures.jsonl line) instead,
+    so a DataLoader worker does not kill the run. Module-level so that worker processes can pickle it."""
+
+    def __init__(self, dataset, image_size: int):
+        self.dataset, self.image_size = dataset, image_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.dataset.records[index]
+        path = self.dataset.root / rec.record
+        try:
+            item = self.dataset[index]
+            size = tuple(item["views"].shape[1:3])  # [V, H, W, 3]
+            if size != (self.image_size, self.image_size):
+                s = self.image_size
+                raise RecordError(f"record {path}: views are {size[0]}x{size[1]}, the encoder takes {s}x{s}")
+            return item
+        except RecordError as e:
+            return {"failure": {"asset": rec.asset_id, "source": str(path), "stage": "read", "error": str(e)}}
+        except Exception as e:  # anything else one record triggers is still that record's failure, not the run's
+            return {"failure": {"asset": rec.asset_id, "source": str(path), "stage": "internal",
+                                "error": f"{type(e).__name__}: {e}"}}
+
+
+def _collate_guarded(items: list[dict]) -> tuple[dict | None, list[dict]]:
+    """``(batch of the good items or None, failure entries)``: good items all have the encoder's shapes."""
+    from shapee.data.dataset import collate_assets
+
+    good = [it for it in items if "failure" not in it]
+    return (collate_assets(good) if good else None), [it["failure"] for it in items if "failure" in it]
+
+
 def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Encode every prepared record of ``cfg.records`` not yet in ``cfg.out`` (this rank's share); returns a summary.
 
     Config keys (``configs/extract_latents.yaml``): ``records``, ``encoder``, ``encoder_format``, ``official``,
     ``out``, ``batch_size``, ``cond.mode`` (``text``: latents + captions; ``image``: + ``image_cond``: the encoder view
     ``cond_view`` as uint8 (``view``) or its CLIP grid (``grid``, with ``clip``)), ``latent_dtype``, ``num_workers``,
-    ``seed``, ``device``, ``precision``, ``progress``.
+    ``seed``, ``device``, ``precision``, ``progress``, ``retry_failed``.
+
+    Records that cannot be encoded are skipped and appended to ``<out>/failures*.jsonl`` (see the module docstring);
+    summary keys ``failed`` (this run) and ``skipped_failed`` (recorded by an earlier run, not retried) count them.
     """
     from tqdm import tqdm
 
-    from shapee.data.dataset import AssetDataset, collate_assets
+    from shapee.data.dataset import AssetDataset
     from shapee.data.records import read_manifests
     from shapee.train.loop import resolve_precision
 
@@ -158,9 +206,18 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     # Done = on disk with what this run would store (a text-only record is redone by a cond=image run).
     needs = {"text": set(), "image": {"clip_grid" if cfg.image_cond == "grid" else "cond_image"}}[cond]
     done = {k for k, e in read_latent_manifests(out).items() if needs <= set(e.get("has", []))}
-    todo = [i for i in mine if i not in done]
-    summary = {"total": len(all_ids), "assigned": len(mine), "skipped_done": len(mine) - len(todo), "extracted": 0,
-               "rank": rank, "world_size": world}
+    shard = (rank, world) if world > 1 else None
+    failures_path = out / failures_name(shard)
+    retry = bool(cfg.get("retry_failed", False))
+    if retry and failures_path.exists():  # only this rank's own file is rewritten: ranks never write each other's
+        mine_set = set(mine)
+        write_jsonl_atomic(failures_path, [e for e in read_jsonl(failures_path) if e.get("asset") not in mine_set])
+    failed = {} if retry else read_failures(out)
+    todo = [i for i in mine if i not in done and i not in failed]
+    skipped_done = sum(i in done for i in mine)
+    summary = {"total": len(all_ids), "assigned": len(mine), "skipped_done": skipped_done,
+               "skipped_failed": len(mine) - len(todo) - skipped_done, "extracted": 0, "failed": 0,
+               "failures_file": str(failures_path), "rank": rank, "world_size": world}
     if not todo:
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         return summary
@@ -181,15 +238,22 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         records, load_targets=False, load_sdf=False, n_points=encoder.n_points, n_views=encoder.n_views, asset_ids=todo
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=int(cfg.batch_size), shuffle=False, num_workers=int(cfg.num_workers),
-        collate_fn=collate_assets, pin_memory=device.type == "cuda",
+        _GuardedItems(dataset, encoder.image_size), batch_size=int(cfg.batch_size), shuffle=False,
+        num_workers=int(cfg.num_workers), collate_fn=_collate_guarded, pin_memory=device.type == "cuda",
     )
     amp_dtype = resolve_precision(cfg.precision, device)
     generator = torch.Generator(device).manual_seed(int(cfg.seed) * world + rank)
     progress = tqdm(total=len(todo), desc="extract", disable=not (cfg.progress and rank == 0))
-    shard = (rank, world) if world > 1 else None
     with torch.no_grad():
-        for batch in loader:
+        for batch, failures in loader:
+            for failure in failures:
+                append_jsonl(failures_path, failure)
+                tqdm.write(f"extract_latents: skipped {failure['asset']} [{failure['stage']}]: {failure['error']}",
+                           file=sys.stderr)
+            summary["failed"] += len(failures)
+            progress.update(len(failures))
+            if batch is None:
+                continue
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                 latent = encoder(batch, generator=generator)  # [B, n_ctx, d_latent] in (−1, 1)
@@ -214,6 +278,9 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             summary["extracted"] += len(batch["asset_id"])
             progress.update(len(batch["asset_id"]))
     progress.close()
+    if summary["failed"]:
+        print(f"extract_latents: {summary['failed']} of {len(todo)} records failed and were skipped; "
+              f"see {failures_path}", file=sys.stderr)
     seconds = time.perf_counter() - t0
     summary.update(seconds=round(seconds, 3), latents_per_s=round(summary["extracted"] / max(seconds, 1e-9), 3))
     return summary
