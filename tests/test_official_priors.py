@@ -133,7 +133,20 @@ def test_layout_errors_list_every_offending_key(tmp_path):
         load_official("image300M", state, denoiser=dict(TINY["image300M"], heads=2, cond_dim=32), clip=TINY_CLIP)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_official("text300M", tmp_path / "nope.pt", **tiny)
+    # A file with a pickled object (not a tensor) is refused by the weights-only reader, naming the file.
+    evil = tmp_path / "evil.pt"
+    torch.save({**state, "wrapped.extra": _Opaque()}, evil)
+    with pytest.raises(OfficialCheckpointError, match=r"official text300M checkpoint .*evil\.pt.*weights-only"):
+        load_official("text300M", evil, **tiny)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(OfficialCheckpointError, match=r"garbage\.pt.*cannot be read"):
+        load_official("image300M", garbage, **tiny)
     with pytest.raises(ValueError, match="unknown official model 'text1B'"):
         load_official("text1B", state)
     with pytest.raises(ValueError, match="text300M is a text-conditional prior"):
         load_official("text300M", state, cond_mode="image", **tiny)
+
+
+class _Opaque:
+    """Not a tensor: weights-only loading refuses it."""

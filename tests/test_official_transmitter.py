@@ -3,7 +3,9 @@ round trips and numeric equivalence at tiny size."""
 
 import inspect
 import math
+import os
 import pickle
+import shlex
 
 import pytest
 import torch
@@ -142,12 +144,70 @@ def test_load_official_rejects_unknown_names_and_pickled_code(tmp_path):
         load_official("transmitter", tmp_path / "missing.pt")
     path = tmp_path / "evil.pt"
     torch.save({"x": NotATensor()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(OfficialCheckpointError, match=r"evil\.pt.*weights-only.*pickled objects other than tensors"):
         load_official("transmitter", path, **TINY)
 
 
 class NotATensor:
     pass
+
+
+class _RunsAShellCommand:
+    """Unpickling this calls ``os.system(command)``: what a malicious checkpoint would carry."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("name", ["transmitter", "text300M", "image300M", "pointe_sdf"])
+@pytest.mark.parametrize("container", ["torch_zip", "plain_pickle"])
+def test_official_readers_refuse_code_without_running_it(tmp_path, name, container):
+    import shapee.io.official_pointe  # noqa: F401  (registers "pointe_sdf")
+    import shapee.io.official_priors  # noqa: F401  (registers the priors)
+
+    marker = tmp_path / "pwned"
+    payload = {"encoder.ln_pre.weight": torch.zeros(2), "x": _RunsAShellCommand(f"touch {shlex.quote(str(marker))}")}
+    path = tmp_path / "model.pt"
+    if container == "torch_zip":
+        torch.save(payload, path)
+    else:  # the legacy (non-zip) torch format: a bare pickle stream
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(OfficialCheckpointError, match=r"model\.pt.*refused, never executed"):
+        load_official(name, path)
+    assert not marker.exists(), "torch.load ran code from the checkpoint"
+    # The payload is live: a plain unpickler does run it (so the assertion above could fail).
+    pickle.loads(pickle.dumps(payload["x"]))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["transmitter", "text300M", "pointe_sdf"])
+def test_official_readers_name_the_file_for_garbage_and_truncated_files(tmp_path, name):
+    import shapee.io.official_pointe  # noqa: F401
+    import shapee.io.official_priors  # noqa: F401
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint \x00\xff" * 10)
+    with pytest.raises(OfficialCheckpointError, match=r"garbage\.pt.*cannot be read as a weights-only state dict"):
+        load_official(name, garbage)
+    good = tmp_path / "good.pt"
+    torch.save({"a": torch.zeros(1000)}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(OfficialCheckpointError, match=r"truncated\.pt.*cannot be read"):
+        load_official(name, truncated)
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(OfficialCheckpointError, match=r"bad\.safetensors.*corrupt, truncated or not a safetensors"):
+        load_official(name, bad_st)
+    not_a_dict = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], not_a_dict)
+    with pytest.raises(OfficialCheckpointError, match=r"list\.pt.*does not hold a state dict \(got list\)"):
+        load_official(name, not_a_dict)
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        load_official(name, tmp_path / "absent.pt")
 
 
 def test_dtype_and_device_on_load():

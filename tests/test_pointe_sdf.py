@@ -183,8 +183,12 @@ def test_strict_load_names_every_offending_key(tmp_path):
     # A file with pickled code is refused by weights_only loading.
     evil = tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(1), "obj": _Opaque()}, evil)
-    with pytest.raises(OfficialCheckpointError, match="weights-only"):
+    with pytest.raises(OfficialCheckpointError, match=r"Point-E SDF checkpoint .*evil\.pt.*never executed"):
         load_official_pointe_sdf(evil, **shape)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(OfficialCheckpointError, match=r"garbage\.pt.*cannot be read"):
+        load_official_pointe_sdf(garbage, **shape)
     with pytest.raises(FileNotFoundError):
         load_official_pointe_sdf(tmp_path / "missing.pt")
 

@@ -20,6 +20,7 @@ a loaded file round-trips bit for bit.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -40,7 +41,8 @@ _TRANSMITTER_PREFIXES = (
 
 
 class OfficialCheckpointError(ValueError):
-    """A state dict that does not match the official layout; the message lists every offending key."""
+    """A file that is not a readable weights-only state dict, or a state dict that does not match the official layout;
+    the message names the file (or the model) and the problem, listing every offending key."""
 
 
 class TransmitterModules(nn.Module):
@@ -202,20 +204,55 @@ def write_state_dict(state_dict: Mapping[str, Tensor], path: str | os.PathLike) 
 
 
 # ------------------------------------------------------------------------------------------------ load / save
+def read_state_dict_file(path: str | os.PathLike, *, what: str = "official checkpoint") -> dict[str, Tensor]:
+    """A plain tensor dict from a ``.safetensors`` file or a ``.pt`` file read with ``torch.load(weights_only=True)``.
+
+    Never runs code from the file: ``weights_only=True`` refuses any pickled global that is not a tensor or a plain
+    container *before* calling it, so a file whose pickle would call e.g. ``os.system`` is refused, not executed.
+
+    Raises:
+        FileNotFoundError: no such file (named, with ``what``).
+        OfficialCheckpointError: naming the file and the problem: not a readable torch / safetensors file (garbage,
+            truncated), pickled objects other than tensors (refused by ``weights_only``), or not a dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses (without calling) any global that is not a tensor/plain container; garbage bytes land
+        # here too ("invalid load key").
+        raise OfficialCheckpointError(
+            f"{what} {str(path)!r}: cannot be read as a weights-only state dict: not a torch checkpoint, or it holds "
+            f"pickled objects other than tensors (refused, never executed) ({type(e).__name__}: {e})"
+        ) from e
+    except Exception as e:  # truncated zip, safetensors header errors, EOFError, ...
+        raise OfficialCheckpointError(
+            f"{what} {str(path)!r}: cannot be read as a weights-only state dict: corrupt, truncated or not a "
+            f"{'safetensors' if path.suffix == '.safetensors' else 'torch'} file ({type(e).__name__}: {e})"
+        ) from e
+    if not isinstance(sd, Mapping):
+        raise OfficialCheckpointError(f"{what} {str(path)!r} does not hold a state dict (got {type(sd).__name__})")
+    bad = sorted(repr(k) for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor))
+    if bad:
+        raise OfficialCheckpointError(
+            f"{what} {str(path)!r} is not a plain tensor dict: entries {bad[:5]}{'...' if len(bad) > 5 else ''} "
+            "are not tensors"
+        )
+    return dict(sd)
+
+
 def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """A state dict as given, or read from a file by :func:`read_state_dict_file`."""
     if isinstance(path_or_state_dict, Mapping):
         return path_or_state_dict
-    path = Path(path_or_state_dict)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, Mapping):
-        raise OfficialCheckpointError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return sd
+    return read_state_dict_file(path_or_state_dict)
 
 
 def transmitter_modules_from_state_dict(
@@ -257,7 +294,16 @@ def load_official(name: str, path_or_state_dict: str | os.PathLike | Mapping[str
 
     ``load_official("transmitter", "transmitter.pt")`` → :class:`shapee.models.Transmitter`. ``kwargs`` go to the loader
     (``device``, ``dtype``, size overrides).
+
+    Raises:
+        ValueError: unknown ``name``. FileNotFoundError: no such file. :class:`OfficialCheckpointError`: naming the
+            file and the problem: not a weights-only tensor dict (garbage, truncated, pickled code: refused without
+            running it; see :func:`read_state_dict_file`), or keys/shapes that differ from the layout.
     """
     if name not in OFFICIAL_LOADERS:
         raise ValueError(f"unknown official model {name!r}; supported: {sorted(OFFICIAL_LOADERS)}")
-    return OFFICIAL_LOADERS[name](_read_state_dict(path_or_state_dict), **kwargs)
+    if isinstance(path_or_state_dict, Mapping):
+        state_dict = path_or_state_dict
+    else:
+        state_dict = read_state_dict_file(path_or_state_dict, what=f"official {name} checkpoint")
+    return OFFICIAL_LOADERS[name](state_dict, **kwargs)

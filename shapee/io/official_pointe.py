@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from shapee.io.official import OFFICIAL_LOADERS, OfficialCheckpointError, adopt_state_dict, write_state_dict
+from shapee.io.official import (
+    OFFICIAL_LOADERS,
+    OfficialCheckpointError,  # noqa: F401  (re-exported: the error this module's loaders raise)
+    adopt_state_dict,
+    read_state_dict_file,
+    write_state_dict,
+)
 from shapee.models.pointe_sdf import PointESDF
 
 
@@ -31,24 +36,6 @@ def official_pointe_sdf_keys(**model_kwargs) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = PointESDF(**model_kwargs)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A plain tensor dict from a ``.pt`` (``weights_only=True``) or ``.safetensors`` file; clear errors otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Point-E SDF checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path)))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle with code, ...
-        raise OfficialCheckpointError(f"{path}: cannot be read as a weights-only state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, Mapping):
-        raise OfficialCheckpointError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return dict(sd)
 
 
 def pointe_sdf_from_state_dict(
@@ -73,8 +60,16 @@ def pointe_sdf_from_state_dict(
 def load_official_pointe_sdf(
     path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], **kwargs
 ) -> PointESDF:
-    """Load Point-E's released ``sdf.pt`` (a path or an already loaded state dict); see :func:`pointe_sdf_from_state_dict`."""
-    sd = path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_state_dict_file(path_or_state_dict)
+    """Load Point-E's released ``sdf.pt`` (a path or an already loaded state dict); see :func:`pointe_sdf_from_state_dict`.
+
+    Raises:
+        FileNotFoundError: no such file. :class:`OfficialCheckpointError`: the file is not a weights-only tensor dict
+            (garbage, truncated, pickled code: refused without running it) or its keys/shapes differ.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        sd = path_or_state_dict
+    else:
+        sd = read_state_dict_file(path_or_state_dict, what="Point-E SDF checkpoint")
     return pointe_sdf_from_state_dict(sd, **kwargs)
 
 
