@@ -470,10 +470,15 @@ def _make_sources(cfg: Mapping) -> list[AssetSource]:
     kind = data.get("kind", "files") if isinstance(data, Mapping) else str(data)
     n = cfg.get("n")
     if kind == "toy":
-        from shapee.data.toy import toy_assets
+        from shapee.data.toy import TOY_SHAPES, toy_assets
 
         count = int(n) if n is not None else 64
-        toys = toy_assets(count, seed=int(data.get("seed", 0)))
+        # data.shapes / data.colors (null: all): a smaller world, e.g. 2 shapes × 2 colours for the prior's test.
+        shapes, colors = data.get("shapes"), data.get("colors")
+        toys = toy_assets(
+            count, seed=int(data.get("seed", 0)), shapes=TOY_SHAPES if shapes is None else list(shapes),
+            colors=None if colors is None else colors, random_rotation=bool(data.get("random_rotation", True)),
+        )
         return [AssetSource(asset_id=a.asset_id, mesh=a.mesh, captions=list(a.captions)) for a in toys]
     if kind != "files":
         raise PrepareError(f"data.kind={kind!r}: expected 'files' or 'toy'")

@@ -15,9 +15,11 @@ from shapee.eval.metrics import (
     retrieval_ranks,
     sample_mesh_points,
 )
+from shapee.eval.toy_match import ToyReferences, toy_match_rate
 
 __all__ = [
     "DEFAULT_FSCORE_THRESHOLD",
+    "ToyReferences",
     "chamfer_distance",
     "evaluate_encoder",
     "evaluate_generation",
@@ -28,5 +30,6 @@ __all__ = [
     "psnr_per_item",
     "r_precision",
     "retrieval_ranks",
+    "toy_match_rate",
     "sample_mesh_points",
 ]
