@@ -124,3 +124,23 @@ def test_mismatched_data_and_decoder_are_clear_errors(data, tmp_path):
 
     with pytest.raises(EncoderLoadError, match="nope.pt"):
         train_diffusion(_cfg(*common, f"data.root={data['text']}", f"decoder={tmp_path / 'nope.pt'}"))
+
+
+def test_same_config_same_weights_whatever_the_process_drew_before(data, tmp_path):
+    """trainer.seed fixes the initial weights too: a notebook or a test suite that drew random numbers before does not
+    change the run (the CI failure this guards against: the toy prior learnt another init after 500 other tests)."""
+    args = ["experiment=tiny_prior", f"data.root={data['text']}", "trainer.eval_every=0", "trainer.max_steps=1",
+            "resume=never"]
+
+    def weights(run: str, *extra: str) -> dict[str, torch.Tensor]:
+        train_diffusion(_cfg(*args, f"run_dir={tmp_path / run}", *extra))
+        return shapee.io.load(tmp_path / run / "checkpoints" / "snapshot.pt").state_dict()
+
+    torch.manual_seed(123)
+    first = weights("a")
+    torch.rand(1000)  # the global generator moves on
+    second = weights("b")
+    other = weights("c", "trainer.seed=1")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())

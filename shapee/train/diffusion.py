@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from shapee.data.latents import LatentDataset, collate_latents
 from shapee.models.latent_diffusion import LatentDiffusion
 from shapee.train.loop import train
+from shapee.train.rng import seed_everything
 
 _TARGETS = ("shapee.models.LatentDiffusion", "shapee.models.latent_diffusion.LatentDiffusion")
 OFFICIAL_NAME = {"text": "text300M", "image": "image300M"}
@@ -124,6 +125,9 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
         raise ValueError(f"train_diffusion trains a shapee.models.LatentDiffusion, got model._target_={target!r}")
     if cfg.init_from and cfg.init_official:
         raise ValueError("give at most one of init_from= (our checkpoint/snapshot) and init_official= (released weights)")
+    # The initial weights follow trainer.seed, not whatever the process drew before (a notebook, a test suite):
+    # the same config gives the same run. Every rank builds the same model (DDP broadcasts rank 0's anyway).
+    seed_everything(int(cfg.trainer.seed))
     model = LatentDiffusion(**model_cfg)
     run_dir = Path(cfg.run_dir)
     if cfg.init_official and not _will_resume(cfg.resume, run_dir):

@@ -67,9 +67,16 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, owns_group=owns_group)
 
 
-def cleanup_distributed(info: DistInfo) -> None:
-    """Leave the process group if :func:`init_distributed` created it."""
+def cleanup_distributed(info: DistInfo, synchronize: bool = False) -> None:
+    """Leave the process group if :func:`init_distributed` created it.
+
+    Args:
+        synchronize: wait at a barrier first, so that no rank destroys the group while a peer is still inside a
+            collective (give it only when every rank is known to get here: after a normal end, not after an error).
+    """
     if info.owns_group and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ from shapee.data.dataset import AssetDataset, collate_assets
 from shapee.eval.metrics import psnr
 from shapee.models.transmitter import Transmitter, batch_cameras
 from shapee.train.loop import train
+from shapee.train.rng import seed_everything
 
 
 def heldout_eval_fn(dataset: AssetDataset, *, n_views: int | None = None, deterministic: bool = True, stf: bool = True):
@@ -63,6 +64,9 @@ def train_encoder(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     target = model_cfg.pop("_target_", "shapee.models.Transmitter")
     if target not in ("shapee.models.Transmitter", "shapee.models.transmitter.Transmitter"):
         raise ValueError(f"train_encoder trains a shapee.models.Transmitter, got model._target_={target!r}")
+    # The initial weights follow trainer.seed, not whatever the process drew before (a notebook, a test suite):
+    # the same config gives the same run. Every rank builds the same model (DDP broadcasts rank 0's anyway).
+    seed_everything(int(cfg.trainer.seed))
     model = Transmitter(**model_cfg)
     stage = cfg.stage.name
     encoder = model.encoder

@@ -234,6 +234,7 @@ def train(
         f"training {sum(p.numel() for p in params):,} parameters on {device} (world size {info.world_size}, "
         f"{amp_dtype}), global batch {global_batch}, steps {step} → {cfg.max_steps}",
     )
+    completed = False
     try:
         while step < cfg.max_steps:
             # 9a. Forward/backward over grad_accum_steps micro-batches; DDP syncs gradients on the last one only.
@@ -314,11 +315,15 @@ def train(
         # 10. Final checkpoint + snapshot (unless this exact step was just written).
         if last_saved_step != step:
             write_checkpoint()
+        completed = True
     finally:
         progress.close()
         logger.close()
         _restore_handlers(previous_handlers)
-        cleanup_distributed(info)
+        # After a normal end every rank meets before the group goes: a rank that tears gloo down while a peer still
+        # finishes its last collective aborts that peer ("terminate called without an active exception", seen in CI).
+        # After an error there is no meeting (the peers may never come); leaving the group is all that is left.
+        cleanup_distributed(info, synchronize=completed)
 
     final.update(
         step=step, samples_seen=samples_seen, nonfinite_steps=nonfinite_total, stopped_by_signal=int(stopped_by_signal)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from shapee.data.dataset import AssetDataset, collate_assets
 from shapee.models.pointe_sdf import PointESDF
 from shapee.train.loop import train
+from shapee.train.rng import seed_everything
 
 _TARGETS = ("shapee.models.pointe_sdf.PointESDF", "shapee.models.PointESDF")
 
@@ -74,6 +75,7 @@ def train_pointe_sdf(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     target = model_cfg.pop("_target_", _TARGETS[0])
     if target not in _TARGETS:
         raise ValueError(f"train_pointe_sdf trains a {_TARGETS[0]}, got model._target_={target!r}")
+    seed_everything(int(cfg.trainer.seed))  # the initial weights follow trainer.seed (see train_encoder)
     model = PointESDF(**model_cfg)
     if cfg.get("init_official"):
         # The released sdf.pt (official layout, strict); ignored on resume, where the loop loads our checkpoint.
