@@ -17,9 +17,10 @@ runs them (README "Results"):
 6. :func:`shapee.eval.toy_match.toy_match_rate`: a sample matches when its mesh is nearer (Chamfer) to its prompt's
    shape than to the other and its mean vertex colour nearer (sRGB) to its prompt's colour than to the other.
 
-Set ``SHAPEE_PRIOR_LEARN_SEED`` to repeat with other training / sampling seeds (the toy world stays the same).
-Measured (2 shared CPU cores, one torch thread): 100 % of 32 samples with seeds 0, 1 and 2, 250–290 process CPU-s
-per run (encoder 150–175, prior 90–100).
+Set ``SHAPEE_PRIOR_LEARN_SEED`` to repeat with other seeds (initial weights, training noise, samples; the toy world
+stays the same). Measured (2 shared CPU cores, one torch thread): 100 % of 32 samples with seeds 0, 1, 2 and 3,
+265–280 process CPU-s per run (encoder 165–175, prior 90–97). Some starts do worse: a CI run whose initial weights
+were not seeded (before ``trainer.seed`` set them) got 75 %, "a blue cube" coloured red.
 """
 
 import os
