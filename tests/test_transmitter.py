@@ -146,3 +146,28 @@ def test_official_layout_loads_into_a_transmitter():
     torch.testing.assert_close(
         loaded.query(loaded.decode_params(latent), points)["sdf"], source.query(source.decode_params(latent), points)["sdf"]
     )
+
+
+def test_finetune_render_sigma_is_configurable_and_defaults_to_the_official_one():
+    torch.manual_seed(0)
+    model = Transmitter(**TINY, stage="finetune", stf_grid_size=12, stf_resolution=16)  # all training views
+    batch = make_batch()
+    query = model.query  # the random SDF head has no zero level: add a sphere of radius 0.6 so there is a mesh
+
+    def with_sphere(params, points):
+        out = dict(query(params, points))
+        out["sdf"] = out["sdf"] + 0.6 - points.norm(dim=-1)
+        return out
+
+    model.query = with_sphere
+    with torch.no_grad():
+        latent = model.encode(batch)
+        assert all(len(m.faces) for m in model.to_mesh(latent, grid_size=12))  # something to render
+        loss = {}
+        for sigma in (None, 1e-5, 1e-3):
+            model.stf_sigma = sigma
+            loss[sigma] = model.stf_losses(batch, latent)["stf_rgba"]
+    assert torch.equal(loss[None], loss[1e-5])  # None = the official renderer's σ
+    assert not torch.allclose(loss[None], loss[1e-3])  # the wider soft edge changes the training render
+    with pytest.raises(ValueError, match="stf_sigma must be > 0"):
+        Transmitter(**TINY, stf_sigma=0.0)

@@ -53,6 +53,10 @@ class Transmitter(TransmitterModules):
         stf_views: target views rendered per asset per ``finetune`` step (random subset; None: all training views).
         stf_resolution: render ``finetune`` views at this size (targets area-resized to it, which shifts edge pixels
             by up to half a render pixel against the corner-aligned rays); None: the records' size.
+        stf_sigma: soft-rasteriser σ of the ``finetune`` mesh renders (squared NDC units; the edge band is about
+            √(9.2σ) NDC wide); None: the official renderer's 1e-5 (``shapee.render.stf.SIGMA``), a 0.15 px band at
+            32². A wider band gives the silhouettes a gradient at small training renders (the tiny CPU recipe uses
+            1e-3: README "Results"). Evaluation and export renders always use the official σ.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class Transmitter(TransmitterModules):
         stf_grid_size: int = 128,
         stf_views: int | None = None,
         stf_resolution: int | None = None,
+        stf_sigma: float | None = None,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown encoder stage {stage!r}; expected one of {STAGES}")
@@ -88,6 +93,9 @@ class Transmitter(TransmitterModules):
         self.teacher, self.teacher_checkpoint, self.distill_points = teacher, teacher_checkpoint, distill_points
         self._teacher_model: list = []  # a plain list keeps the frozen teacher out of state_dict / DDP / the optimiser
         self.stf_grid_size, self.stf_views, self.stf_resolution = stf_grid_size, stf_views, stf_resolution
+        if stf_sigma is not None and not stf_sigma > 0:
+            raise ValueError(f"stf_sigma must be > 0 (or None for the official 1e-5), got {stf_sigma!r}")
+        self.stf_sigma = stf_sigma
 
     # ------------------------------------------------------------------------------------------ public API
     def encode(self, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> Tensor:
@@ -186,7 +194,9 @@ class Transmitter(TransmitterModules):
             cameras = [c.resized(size) for c in cameras]
             rgb = _area_resize(rgb.flatten(0, 1).permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).unflatten(0, (B, -1))
             alpha = _area_resize(alpha.flatten(0, 1)[:, None], size)[:, 0].unflatten(0, (B, -1))
-        out = self.render_stf(latent, [c.to(latent.device) for c in cameras])
+        cameras = [c.to(latent.device) for c in cameras]
+        sigma = {} if self.stf_sigma is None else {"sigma": self.stf_sigma}
+        out = stf.render_latents(self, latent, cameras, grid_size=self.stf_grid_size, **sigma)
         return stf_finetune_loss(rgba(out["rgb"], out["alpha"]), rgb, alpha)
 
     def nerf_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
