@@ -150,11 +150,14 @@ class Transmitter(TransmitterModules):
             chunk_size=self.render_chunk,
         )
 
-    def render_stf(self, latent: Tensor, cameras: Cameras | Sequence[Cameras], *, grid_size: int | None = None) -> dict[str, Tensor]:
+    def render_stf(
+        self, latent: Tensor, cameras: Cameras | Sequence[Cameras], *, grid_size: int | None = None, **render_kwargs
+    ) -> dict[str, Tensor]:
         """Mesh renders of ``B`` latents (SDF grid → Marching Cubes 33 → STF colours → PyTorch3D, dataset lighting):
         ``rgb`` ``[B, N, H, W, 3]`` sRGB on black, ``alpha`` ``[B, N, H, W]``, ``mesh_mask`` ``[B]`` (False: empty),
-        and the meshes. Differentiable from the image to the latent."""
-        return stf.render_latents(self, latent, cameras, grid_size=grid_size or self.stf_grid_size)
+        and the meshes. Differentiable from the image to the latent. ``render_kwargs`` go to the rasteriser
+        (:func:`shapee.render.stf.render_meshes`: ``sigma``, ``faces_per_pixel``, ...)."""
+        return stf.render_latents(self, latent, cameras, grid_size=grid_size or self.stf_grid_size, **render_kwargs)
 
     def to_mesh(self, latent: Tensor, grid_size: int = 128, *, narrow_band: bool = True):
         """Latent ``[1024, 1024]`` (or ``[1, ...]``) → ``trimesh.Trimesh`` with sRGB vertex colours; a batch
@@ -194,9 +197,8 @@ class Transmitter(TransmitterModules):
             cameras = [c.resized(size) for c in cameras]
             rgb = _area_resize(rgb.flatten(0, 1).permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).unflatten(0, (B, -1))
             alpha = _area_resize(alpha.flatten(0, 1)[:, None], size)[:, 0].unflatten(0, (B, -1))
-        cameras = [c.to(latent.device) for c in cameras]
         sigma = {} if self.stf_sigma is None else {"sigma": self.stf_sigma}
-        out = stf.render_latents(self, latent, cameras, grid_size=self.stf_grid_size, **sigma)
+        out = self.render_stf(latent, [c.to(latent.device) for c in cameras], **sigma)
         return stf_finetune_loss(rgba(out["rgb"], out["alpha"]), rgb, alpha)
 
     def nerf_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
