@@ -9,9 +9,10 @@
     python scripts/bench.py encoder [--batch-size 1] [--no-backward] [--checkpoint] [--precision auto|bf16|fp32]
         [--repeats 3] [--warmup 1] [--json runs/bench/encoder.json]
     python scripts/bench.py nerf [--precision auto|bf16|fp32]           # rays/s, seconds per 64² view
-    python scripts/bench.py denoiser [--batch-size 2] [--cond text|image] [--compile]
-    python scripts/bench.py prompt_to_mesh [--steps 64] [--guidance 15] [--grid 128]
+    python scripts/bench.py denoiser [--batch-size 2] [--cond text|image] [--compile] [--cuda-graph]
+    python scripts/bench.py prompt_to_mesh [--steps 64] [--guidance 15] [--grid 128] [--no-cuda-graph]
     python scripts/bench.py train [--model encoder|prior] [--preset tiny|official] [--batch-size N] [--stage nerf]
+        [--compile] [--checkpoint] [--[no-]fused-optimizer]
 
 Add a benchmark: a function in ``shapee/benchmarks/<name>.py`` returning a JSON-ready dict and a sub-command here.
 """
@@ -96,7 +97,7 @@ def cmd_denoiser(args: argparse.Namespace) -> None:
     from shapee.benchmarks.denoiser import bench_denoiser, format_denoiser_table
 
     r = bench_denoiser(batch_size=args.batch_size, cond=args.cond, precision=args.precision, device=args.device,
-                       repeats=args.repeats, warmup=args.warmup, compile=args.compile)
+                       repeats=args.repeats, warmup=args.warmup, compile=args.compile, cuda_graph=args.cuda_graph)
     print(format_denoiser_table(r))
     _write(r, args.json or "runs/bench/denoiser.json")
 
@@ -105,7 +106,8 @@ def cmd_prompt_to_mesh(args: argparse.Namespace) -> None:
     from shapee.benchmarks.pipeline import bench_prompt_to_mesh, format_prompt_to_mesh
 
     r = bench_prompt_to_mesh(steps=args.steps, guidance_scale=args.guidance, grid_size=args.grid,
-                             precision=args.precision, repeats=args.repeats, warmup=args.warmup, device=args.device)
+                             precision=args.precision, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                             cuda_graph=False if args.no_cuda_graph else None)
     print(format_prompt_to_mesh(r))
     _write(r, args.json or "runs/bench/prompt_to_mesh.json")
 
@@ -116,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     models = ["encoder", "prior"] if args.model == "both" else [args.model]
     results = [bench_training(m, preset=args.preset, batch_size=args.batch_size, stage=args.stage,
                               precision=args.precision, checkpoint=args.checkpoint, repeats=args.repeats,
-                              warmup=args.warmup, device=args.device) for m in models]
+                              warmup=args.warmup, device=args.device, compile=args.compile,
+                              fused_optimizer=args.fused_optimizer) for m in models]
     print(format_training_table(results))
     _write({"train": results}, args.json or "runs/bench/train.json")
 
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cond", default="text", choices=["text", "image"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    p.add_argument("--cuda-graph", action="store_true", help="time replays of a captured CUDA graph of the forward")
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=15.0)
     p.add_argument("--grid", type=int, default=128)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--no-cuda-graph", action="store_true", help="eager denoiser calls on CUDA (the 'before' number)")
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=0)
@@ -218,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", default="nerf", choices=["nerf", "distill", "finetune"])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder / denoiser")
+    p.add_argument("--fused-optimizer", default=None, action=argparse.BooleanOptionalAction,
+                   help="AdamW's fused kernel (default: as the training loop, on CUDA)")
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

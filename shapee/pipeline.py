@@ -255,6 +255,7 @@ class _To3D(ABC):
         render_views: int = 0,
         render_resolution: int = 64,
         progress: bool = False,
+        cuda_graph: bool | None = None,
     ) -> Generation:
         """Sample ``n`` latents per input, decode each into a mesh, optionally render turntables; with timings.
 
@@ -267,6 +268,7 @@ class _To3D(ABC):
             decoder: ``stf`` (SDF mesh, mesh renders) or ``nerf`` (density mesh, volume renders).
             grid_size: marching-cubes grid (128³ as released).
             render_views, render_resolution: turntable frames per sample (0: none) and their size.
+            cuda_graph: replay the sampler's denoiser calls from a captured CUDA graph (``None``: on CUDA).
         """
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -286,7 +288,7 @@ class _To3D(ABC):
         generator = torch.Generator(self.device).manual_seed(int(seed))
         latents = self.prior.sample_from_cond(
             cond, n=n, guidance_scale=guidance_scale, steps=steps, sampler=sampler, generator=generator,
-            progress=progress,
+            progress=progress, cuda_graph=cuda_graph,
         )  # [P·n, n_ctx, d_latent]
         _sync(self.device)
         timings["sampling"] = time.perf_counter() - t
@@ -507,6 +509,7 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
         steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), decoder=cfg.get("decoder", "stf"),
         grid_size=int(cfg.get("grid_size", 128)), render_views=int(cfg.get("render_views", 20)),
         render_resolution=int(cfg.get("render_resolution", 64)), progress=bool(cfg.get("progress", False)),
+        cuda_graph=cfg.get("cuda_graph"),
     )
     timings.update(generation.timings)
 

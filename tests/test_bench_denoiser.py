@@ -24,7 +24,7 @@ def test_bench_denoiser_reports_settings_params_times_memory(cond):
     assert r["peak_memory_gb"] > 0 and "RSS" in r["memory_kind"]
     assert r["machine"] == {**r["machine"], "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__}
     table = format_denoiser_table(r)
-    assert "batch 3" in table and f"{r['seconds_median']:.3f} s median" in table and "parameters" in table
+    assert "batch 3" in table and f"{r['seconds_median']:.4f} s median" in table and "parameters" in table
 
 
 def test_bench_denoiser_image_preset_and_bad_arguments():
@@ -36,3 +36,5 @@ def test_bench_denoiser_image_preset_and_bad_arguments():
         bench_denoiser(precision="fp8", device="cpu", **TINY)
     with pytest.raises(ValueError, match="repeats >= 1"):
         bench_denoiser(repeats=0, device="cpu", **TINY)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        bench_denoiser(cuda_graph=True, device="cpu", **TINY)

@@ -396,10 +396,12 @@ def test_bad_inputs_raise_clear_errors(field, bounds, match):
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
-    fields = torch.cat([_noise_fields(4, 12, seed=6), _smooth_fields(4, 16, seed=7)])
-    for (v_cpu, f_cpu), (v_gpu, f_gpu) in zip(marching_cubes(fields), marching_cubes(fields.cuda())):
-        assert torch.equal(f_cpu, f_gpu.cpu())
-        assert torch.allclose(v_cpu, v_gpu.cpu(), atol=1e-12)
+    for fields in (_noise_fields(4, 12, seed=6), _smooth_fields(4, 16, seed=7)):  # two batches of two sizes
+        cpu, gpu = marching_cubes(fields), marching_cubes(fields.cuda())
+        assert len(cpu) == len(gpu) == 4
+        for (v_cpu, f_cpu), (v_gpu, f_gpu) in zip(cpu, gpu):
+            assert f_cpu.shape[0] > 0 and torch.equal(f_cpu, f_gpu.cpu())
+            assert torch.allclose(v_cpu, v_gpu.cpu(), atol=1e-12)
 
 
 def test_benchmark_reports_both_timings():

@@ -332,4 +332,8 @@ def test_auto_uses_pytorch3d_on_cuda_and_matches_embree():
     a = render_views(mesh, cams, backend="embree")
     b = render_views(mesh, cams.to("cuda"))
     inner = interior(a["alpha"]) & interior(b["alpha"])
-    assert np.abs(a["rgb"][inner] - b["rgb"][inner]).max() <= 2 / 255
+    assert np.abs(a["albedo"][inner] - b["albedo"][inner]).max() <= 2 / 255
+    # Flat shading: a pixel on an edge between faces may go to either face (as on CPU, test_backends_agree).
+    same_face = inner & (a["face_index"] == b["face_index"])
+    assert same_face.sum() >= 0.99 * inner.sum()
+    assert np.abs(a["rgb"][same_face] - b["rgb"][same_face]).max() <= 2 / 255

@@ -46,6 +46,7 @@ def bench_denoiser(
     repeats: int = 3,
     warmup: int = 1,
     compile: bool = False,
+    cuda_graph: bool = False,
     **model_overrides,
 ) -> dict:
     """Parameters, forward seconds (median of ``repeats``) and peak memory of one ``LatentDenoiser`` forward.
@@ -53,7 +54,8 @@ def bench_denoiser(
     ``precision``: ``"auto"`` (bf16 autocast on a CUDA device that supports it, else fp32), ``"fp32"`` or ``"bf16"``
     (autocast; slower than fp32 on CPUs without AMX). ``compile=True`` wraps the model in :func:`torch.compile`
     (inductor; needs a C++ compiler on CPU); its compile time shows in ``first_call_seconds``, not in the median.
-    ``model_overrides`` go to :class:`~shapee.models.denoiser.LatentDenoiser` (e.g. ``layers=2`` for a quick run).
+    ``cuda_graph=True`` (CUDA only) captures one forward into a CUDA graph after the warm-up and times its replays, as
+    the sampler runs them (:mod:`shapee.diffusion.cuda_graph`). ``model_overrides`` go to :class:`~shapee.models.denoiser.LatentDenoiser` (e.g. ``layers=2`` for a quick run).
     Returns a JSON-ready dict.
     """
     from shapee.models.denoiser import LatentDenoiser
@@ -62,9 +64,13 @@ def bench_denoiser(
         raise ValueError(f"cond must be 'text' or 'image', got {cond!r}")
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if cuda_graph and warmup < 1:
+        raise ValueError("cuda_graph=True needs warmup >= 1 (the capture must follow an eager call)")
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got {dev}")
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     kwargs = {**(IMAGE_DEFAULTS if cond == "image" else {}), **model_overrides, "cond_mode": cond}
     model = LatentDenoiser(**kwargs).to(dev).eval()
@@ -78,10 +84,8 @@ def bench_denoiser(
     else:
         c = torch.randn(batch_size, model.cond_tokens, model.cond_dim, generator=g).to(dev)  # [B, 256, D]
     fn = torch.compile(model) if compile else model
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-
     def forward():
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             return fn(x_t, t, c)
 
     if dev.type == "cuda":
@@ -90,6 +94,11 @@ def bench_denoiser(
     for _ in range(warmup):
         s, _ = _seconds(forward, dev)
         first = s if first is None else first
+    if cuda_graph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+        forward = graph.replay
     times, cpu = zip(*[_seconds(forward, dev) for _ in range(repeats)])
     if dev.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(dev) / 1024**3, "cuda max_memory_allocated"
@@ -97,6 +106,7 @@ def bench_denoiser(
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "process peak RSS (CPU, ru_maxrss)"
     return {
         "settings": {"batch_size": batch_size, "cond": cond, "precision": "bf16" if bf16 else "fp32", "compile": compile,
+                     "cuda_graph": cuda_graph,
                      "repeats": repeats, "warmup": warmup, "model": {k: v for k, v in kwargs.items()}},
         "params": n_params,
         "seconds_median": statistics.median(times),
@@ -117,10 +127,10 @@ def format_denoiser_table(result: dict) -> str:
     overrides = {k: v for k, v in s["model"].items() if k != "cond_mode"}
     return "\n".join([
         f"latent denoiser ({s['cond']} conditioning{', ' + str(overrides) if overrides else ''}), batch {s['batch_size']}, "
-        f"{s['precision']}{', torch.compile' if s['compile'] else ''} on {m['device']} ({m['threads']} threads, torch {m['torch']})",
+        f"{s['precision']}{', torch.compile' if s['compile'] else ''}{', CUDA graph' if s.get('cuda_graph') else ''} on {m['device']} ({m['threads']} threads, torch {m['torch']})",
         f"  parameters: {result['params'] / 1e6:.1f} M",
-        f"  forward: {result['seconds_median']:.3f} s median of {len(result['seconds'])} "
-        f"({', '.join(f'{x:.3f}' for x in result['seconds'])}), {result['cpu_seconds_median']:.2f} CPU-s; "
+        f"  forward: {result['seconds_median']:.4f} s median of {len(result['seconds'])} "
+        f"({', '.join(f'{x:.4f}' for x in result['seconds'])}), {result['cpu_seconds_median']:.2f} CPU-s; "
         f"first call {result['first_call_seconds']:.3f} s",
         f"  peak memory: {result['peak_memory_gb']:.2f} GB [{result['memory_kind']}]",
     ])

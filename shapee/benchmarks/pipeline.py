@@ -34,11 +34,13 @@ def bench_prompt_to_mesh(
     warmup: int = 0,
     device: str | None = None,
     prior_overrides: dict | None = None,
+    cuda_graph: bool | None = None,
 ) -> dict:
     """Median seconds of each part of prompt → mesh, their sum, and the 64-step estimate when ``steps < 64``.
 
     ``clip``: :class:`~shapee.conditioning.FrozenCLIP` kwargs (default ``ViT-L-14-quickgelu``, the OpenAI architecture, with random weights);
     ``prior_overrides``: other :class:`~shapee.models.LatentDiffusion` kwargs (e.g. a smaller ``denoiser``).
+    ``cuda_graph``: the sampler's CUDA graphs (``None``: as ``sample.py``, on when the device is CUDA).
     """
     from shapee.benchmarks.stf import bench_latent_to_mesh
     from shapee.models import LatentDiffusion
@@ -49,13 +51,6 @@ def bench_prompt_to_mesh(
     clip = {"model_name": "ViT-L-14-quickgelu", "pretrained": None, **(clip or {})}
     prior = LatentDiffusion(cond_mode="text", clip=clip,
                             precision=precision, **(prior_overrides or {})).to(dev).eval()
-    calls = 0
-
-    def count(*_):
-        nonlocal calls
-        calls += 1
-
-    prior.denoiser.register_forward_hook(count)
     sync(dev)
     t0 = time.perf_counter()
     prior.clip  # built lazily on first use: loading is not per-prompt latency
@@ -68,15 +63,15 @@ def bench_prompt_to_mesh(
         cond = prior.embed_prompts([prompt])  # [1, 768]
         sync(dev)
         t1 = time.perf_counter()
-        calls = 0
         prior.sample_from_cond(cond, n=1, guidance_scale=guidance_scale, steps=steps,
-                               generator=torch.Generator(dev).manual_seed(0))
+                               generator=torch.Generator(dev).manual_seed(0), cuda_graph=cuda_graph)
         sync(dev)
         t2 = time.perf_counter()
         if i >= warmup:
             clip_s.append(t1 - t0)
             sampling_s.append(t2 - t1)
-            calls_per_run.append(calls)
+            calls_per_run.append(prior.sampling_stats["denoiser_calls"])
+            replays = prior.sampling_stats["graph_replays"]
     # One untimed decode first: the first call pays one-off costs (kernel setup, MC tables) that a session pays once.
     decode = bench_latent_to_mesh(grid_size, repeats=repeats, warmup=max(warmup, 1), device=str(dev))
     parts = {"clip": statistics.median(clip_s), "sampling": statistics.median(sampling_s),
@@ -86,7 +81,8 @@ def bench_prompt_to_mesh(
         "machine": machine(dev),
         "settings": {"steps": steps, "sampler": "karras", "guidance_scale": guidance_scale, "grid_size": grid_size,
                      "clip_model": clip["model_name"] if not clip.get("model_cfg") else "custom", "precision": precision, "repeats": repeats, "warmup": warmup,
-                     "denoiser_batch": 2 if guidance_scale != 1.0 else 1},
+                     "denoiser_batch": 2 if guidance_scale != 1.0 else 1,
+                     "cuda_graph": replays > 0},
         "seconds": parts,
         "clip_load_seconds": load_s,
         "total_seconds": sum(parts.values()),
@@ -105,9 +101,10 @@ def bench_prompt_to_mesh(
 def format_prompt_to_mesh(r: dict) -> str:
     s, p = r["settings"], r["seconds"]
     line = (f"prompt → mesh ({s['steps']} Karras steps, guidance {s['guidance_scale']:g}, {s['grid_size']}³, "
-            f"{s['precision']}): CLIP {p['clip']:.2f} s + sampling {p['sampling']:.2f} s "
-            f"({r['denoiser_calls']} denoiser calls at batch {s['denoiser_batch']}, "
-            f"{r['seconds_per_denoiser_call']:.2f} s each) + decoding {p['decoding']:.2f} s = {r['total_seconds']:.2f} s")
+            f"{s['precision']}{', CUDA graph' if s.get('cuda_graph') else ''}): CLIP {p['clip']:.3f} s + sampling "
+            f"{p['sampling']:.3f} s ({r['denoiser_calls']} denoiser calls at batch {s['denoiser_batch']}, "
+            f"{r['seconds_per_denoiser_call'] * 1000:.1f} ms each) + decoding {p['decoding']:.3f} s = "
+            f"{r['total_seconds']:.3f} s")
     if "estimated_64_steps" in r:
         e = r["estimated_64_steps"]
         line += f"\n  at 64 steps (estimated: {e['how']}): sampling {e['sampling']:.1f} s, total {e['total']:.1f} s"

@@ -45,6 +45,13 @@ def _plan(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dic
         ("prompt_to_mesh", lambda: bench_prompt_to_mesh(steps=64 if gpu else (1 if quick else 2), repeats=reps if gpu else 1,
                                                         warmup=1 if gpu else 0, device=dev)),
     ]
+    if gpu:  # the eager 'before' numbers beside the CUDA-graph ones
+        from shapee.benchmarks.denoiser import bench_denoiser
+
+        plan.insert(plan.index(("denoiser", denoiser)) + 1, ("denoiser_graph", lambda: bench_denoiser(
+            batch_size=2, repeats=reps, warmup=1, device=dev, cuda_graph=True)))
+        plan.append(("prompt_to_mesh_eager", lambda: bench_prompt_to_mesh(
+            steps=64, repeats=reps, warmup=1, device=dev, cuda_graph=False)))
     preset = "official" if gpu else "tiny"
     for model in ("encoder", "prior"):
         plan.append((f"train_{model}", lambda model=model: bench_training(
@@ -100,12 +107,14 @@ def format_suite(suite: dict) -> str:
     if "latent_to_mesh" in r:
         med = r["latent_to_mesh"]["median"]
         lines.append("latent → 128³ coloured mesh: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()))
-    if "denoiser" in r:
-        from shapee.benchmarks.denoiser import format_denoiser_table
+    for key in ("denoiser", "denoiser_graph"):
+        if key in r:
+            from shapee.benchmarks.denoiser import format_denoiser_table
 
-        lines.append(format_denoiser_table(r["denoiser"]))
-    if "prompt_to_mesh" in r:
-        lines.append(format_prompt_to_mesh(r["prompt_to_mesh"]))
+            lines.append(format_denoiser_table(r[key]))
+    for key in ("prompt_to_mesh", "prompt_to_mesh_eager"):
+        if key in r:
+            lines.append(format_prompt_to_mesh(r[key]))
     train = [r[k] for k in ("train_encoder", "train_prior") if k in r]
     if train:
         lines.append(format_training_table(train))

@@ -96,12 +96,16 @@ def bench_training(
     warmup: int = 2,
     device: str | None = None,
     overrides: list[str] | None = None,
+    compile: bool = False,
+    fused_optimizer: bool | None = None,
 ) -> dict:
     """Seconds per training step, samples per second, peak memory, FLOPs per step and (GPU) MFU.
 
     ``model``: ``encoder`` (a :class:`~shapee.models.Transmitter` at ``stage``; samples = assets) or ``prior``
     (a text :class:`~shapee.models.LatentDiffusion`; samples = latents). ``checkpoint``: activation checkpointing of
-    the encoder / denoiser blocks. ``overrides``: extra Hydra overrides of the script's config.
+    the encoder / denoiser blocks. ``overrides``: extra Hydra overrides of the script's config. ``compile``:
+    :func:`torch.compile` the encoder / denoiser (``Module.compile``: the weights keep their names).
+    ``fused_optimizer``: AdamW's fused CUDA kernel (``None``: as the training loop, fused on CUDA).
     """
     from shapee.models import LatentDiffusion, Transmitter
     from shapee.train.loop import weighted_total
@@ -127,9 +131,14 @@ def bench_training(
         net = LatentDiffusion(**node).to(dev)
         batch = _prior_batch(net, batch_size, dev)
     net.train()
+    if compile:
+        (net.encoder if model == "encoder" else net.denoiser).compile()
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    from shapee.train.loop import use_fused_adamw
+
+    fused = use_fused_adamw(dev) if fused_optimizer is None else bool(fused_optimizer)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=fused)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -151,7 +160,8 @@ def bench_training(
         "machine": machine(dev),
         "settings": {"model": model, "preset": preset, "stage": stage if model == "encoder" else None,
                      "batch_size": batch_size, "precision": "bf16" if bf16 else "fp32",
-                     "activation_checkpointing": checkpoint, "repeats": repeats, "warmup": warmup},
+                     "activation_checkpointing": checkpoint, "compile": compile, "fused_optimizer": fused,
+                     "repeats": repeats, "warmup": warmup},
         "params": sum(p.numel() for p in params),
         **result,
         "samples_per_second": batch_size / seconds,
@@ -168,6 +178,8 @@ def format_training_table(results: list[dict]) -> str:
     for r in results:
         s = r["settings"]
         what = f"{s['model']} ({s['preset']}" + (f", stage {s['stage']}" if s["stage"] else "") + ")"
+        what += ", torch.compile" if s.get("compile") else ""
+        what += ", checkpointing" if s.get("activation_checkpointing") else ""
         mfu = f", MFU {r['mfu'] * 100:.1f}%" if r["mfu"] is not None else ""
         # CPU: the process peak only grows, so the growth during this benchmark is the informative number.
         mem = r["peak_growth_gb"] if "peak_growth_gb" in r else r["peak_memory_gb"]

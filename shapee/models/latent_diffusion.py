@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from shapee.diffusion import SAMPLERS, GaussianDiffusion, guided_denoiser
+from shapee.diffusion.cuda_graph import CUDAGraphDenoiser, maybe_cuda_graphed
 from shapee.models.denoiser import LatentDenoiser
 
 # The released priors' sizes (reference §5.1): everything but the heads and the conditioning width is shared.
@@ -139,6 +140,9 @@ class LatentDiffusion(nn.Module):
         self.precision = precision
         # Training samples whose asset had no caption, so were trained unconditionally (text mode).
         self.empty_caption_count = 0
+        # How the last sample_from_cond ran: denoiser calls (each a batch of cond + uncond with guidance) and how
+        # many of them were CUDA graph replays.
+        self.sampling_stats: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------------------------- shapes
     @property
@@ -335,10 +339,15 @@ class LatentDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         s_churn: float = 0.0,
         progress: bool = False,
+        cuda_graph: bool | None = None,
         **sampler_kwargs,
     ) -> Tensor:
         """:meth:`sample` from precomputed conditioning ``cond`` ``[P, *cond_shape]`` (e.g. stored CLIP grids):
-        latents ``[P·n, n_ctx, d_latent]``."""
+        latents ``[P·n, n_ctx, d_latent]``.
+
+        ``cuda_graph``: replay a captured CUDA graph for the fixed-shape denoiser calls
+        (:class:`~shapee.diffusion.cuda_graph.CUDAGraphDenoiser`); ``None`` (default): on a CUDA device. The same
+        latents either way, up to floating-point reassociation. :attr:`sampling_stats` tells how the last call ran."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n (samples per prompt/image) must be a positive integer, got {n!r}")
         if sampler not in SAMPLERS:
@@ -356,16 +365,26 @@ class LatentDiffusion(nn.Module):
         amp_dtype = _as_autocast_dtype(device, self.precision)
 
         def model(x_t: Tensor, t: Tensor, c: Tensor):
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            # No autocast weight cache: each weight is cast once per call anyway, and a CUDA graph must own its casts.
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                                cache_enabled=False):
                 out = self.denoiser(x_t, t, c)  # [B, n_ctx, out_channels]
             return self.denoiser.split_output(out.float())  # the process math stays fp32
+
+        denoise = maybe_cuda_graphed(guided_denoiser(model, cond, scale), device, cuda_graph)
+        calls = 0
+
+        def counted(x_t: Tensor, t: Tensor):
+            nonlocal calls
+            calls += 1
+            return denoise(x_t, t)
 
         was_training = self.training
         self.eval()  # no conditioning dropout while sampling
         try:
-            return SAMPLERS[sampler](
+            latents = SAMPLERS[sampler](
                 self.process,
-                guided_denoiser(model, cond, scale),
+                counted,
                 (cond.shape[0], *self.latent_shape),
                 steps=steps,
                 generator=generator,
@@ -375,6 +394,9 @@ class LatentDiffusion(nn.Module):
             )
         finally:
             self.train(was_training)
+        graphed = isinstance(denoise, CUDAGraphDenoiser)
+        self.sampling_stats = {"denoiser_calls": calls, "graph_replays": denoise.replays if graphed else 0}
+        return latents
 
 
 # ---------------------------------------------------------------------------------------------------- images
