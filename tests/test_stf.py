@@ -205,6 +205,33 @@ def test_gradient_reaches_the_latent_of_a_tiny_transmitter():
     assert t.nerstf.mlp[-1].weight.grad.abs().sum() > 0
 
 
+def test_surface_grad_samples_give_the_dense_gradients_from_a_fraction_of_the_queries():
+    # render_stf's default: the grid without autograd, then autograd only through the samples the mesh reads.
+    t = tiny_transmitter()
+    cams = views(n=2, size=32)
+    grads, images, tracked = {}, {}, {}
+    for mode in ("all", "surface"):
+        latent = tiny_latent(t, B=2, seed=3).requires_grad_(True)
+        sdf_fn, rgb_fn = stf.transmitter_fields(t, latent)
+        points_with_grad = []
+
+        def field(p):
+            if torch.is_grad_enabled():
+                points_with_grad.append(p.shape[0] * p.shape[1])
+            return sdf_fn(p) + sphere_sdf(p)
+
+        out = stf.render_stf(field, rgb_fn, [cams, cams], grid_size=24, grad_samples=mode)
+        assert bool(out["mesh_mask"].all())
+        (out["rgb"].square().sum() + out["alpha"].sum()).backward()
+        grads[mode], images[mode], tracked[mode] = latent.grad, out["rgb"].detach(), sum(points_with_grad)
+    torch.testing.assert_close(images["surface"], images["all"], rtol=0, atol=1e-5)
+    assert grads["all"].abs().sum() > 0
+    torch.testing.assert_close(grads["surface"], grads["all"], rtol=1e-3, atol=1e-6)
+    assert tracked["all"] == 2 * 24**3 and 0 < tracked["surface"] < 0.3 * tracked["all"]
+    with pytest.raises(ValueError, match="grad_samples"):
+        stf.query_grid(sphere_sdf, 1, 8, grad_samples="some")
+
+
 # ------------------------------------------------------------------------------------------ empty meshes
 def test_empty_mesh_in_batch_renders_transparent_and_keeps_the_graph():
     cams = views(n=2, size=32)

@@ -132,7 +132,9 @@ def bench_training(
         batch = _prior_batch(net, batch_size, dev)
     net.train()
     if compile:
-        (net.encoder if model == "encoder" else net.denoiser).compile()
+        from shapee.train.loop import compile_for_training
+
+        compile_for_training(net)  # what trainer.compile=true compiles
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     params = [p for p in net.parameters() if p.requires_grad]
     from shapee.train.loop import use_fused_adamw

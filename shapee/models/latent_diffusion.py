@@ -160,6 +160,10 @@ class LatentDiffusion(nn.Module):
     def device(self) -> torch.device:
         return self.denoiser.pos_emb.device
 
+    def compile_targets(self) -> list[nn.Module]:
+        """What ``trainer.compile`` compiles: the denoiser (all of the prior's training compute)."""
+        return [self.denoiser]
+
     # ------------------------------------------------------------------------------------------------- CLIP
     @property
     def clip(self) -> nn.Module:

@@ -98,6 +98,10 @@ class Transmitter(TransmitterModules):
         self.stf_sigma = stf_sigma
 
     # ------------------------------------------------------------------------------------------ public API
+    def compile_targets(self) -> list[torch.nn.Module]:
+        """What ``trainer.compile`` compiles: the encoder (fixed shapes; the renderers' shapes vary per batch)."""
+        return [self.encoder]
+
     def encode(self, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> Tensor:
         """Batch of records (see :class:`shapee.data.AssetDataset`) → latent ``[B, 1024, 1024]`` in (−1, 1)."""
         return self.encoder(batch, generator=generator)

@@ -60,6 +60,27 @@ def _device_tables(device: torch.device) -> dict[str, Tensor]:
             [[((c >> a0) & 1) != ((c >> b) & 1) for a0, b in EDGES] for c in range(256)], device=device
         ),  # [256, 12]
         "bit_weights": torch.tensor([1 << k for k in range(8)], dtype=torch.int64, device=device),  # [8]
+        "face_shift": torch.arange(6, device=device),  # [6]
+        "center_slots": torch.arange(MAX_CENTERS, device=device),  # [MAX_CENTERS]
+        "triangle_slots": torch.arange(t.triangles.shape[1], device=device),  # [T]
+    }
+
+
+@lru_cache(maxsize=32)
+def _grid_constants(
+    device: torch.device, shape: tuple[int, int, int], dtype: torch.dtype, bounds: tuple[float, float]
+) -> dict[str, Tensor]:
+    """Index constants of a grid shape on ``device``, made once (a host-to-device copy is a sync on CUDA)."""
+    nx, ny, nz = shape
+    lo, hi = bounds
+    tab = _device_tables(device)
+    strides = torch.tensor([ny * nz, nz, 1], device=device)  # linear index within one grid
+    return {
+        "strides": strides,
+        "corner_lin": torch.tensor([dx * ny * nz + dy * nz + dz for dx, dy, dz in _CORNER_OFFSETS], device=device),
+        "edge_base_lin": (tab["edge_base"] * strides).sum(-1),  # [12] base sample of each cube edge, from corner 0
+        "axis_step": torch.eye(3, dtype=dtype, device=device),  # [3, 3] unit step along each axis
+        "spacing": torch.tensor([(hi - lo) / (n - 1) for n in shape], dtype=dtype, device=device),  # [3]
     }
 
 
@@ -102,10 +123,11 @@ def cube_keys(values: Tensor) -> Tensor:
     prod02 = fv[..., 0] * fv[..., 2]
     prod13 = fv[..., 1] * fv[..., 3]
     pos_joined = torch.where(fin[..., 0], prod02 > prod13, prod13 > prod02) & ambiguous  # [A, 6]
-    face_bits = (pos_joined.long() << torch.arange(6, device=values.device)).sum(-1)  # [A]
+    face_bits = (pos_joined.long() << tab["face_shift"]).sum(-1)  # [A]
 
     key = config | (face_bits << 8)
-    # Interior test, only for the configs whose triangulation can depend on it.
+    # Interior test, only for the configs whose triangulation can depend on it. Gathering them costs one sync but
+    # skips the test's ~90 kernel launches in the usual case where no cube needs it (measured on an H100).
     needs = tab["needs_interior"][config].nonzero()[:, 0]  # [A']
     if needs.numel() > 0:
         key[needs] |= _interior_bits(values[needs]) << 14
@@ -146,6 +168,7 @@ def _interior_bits(values: Tensor) -> Tensor:
 
 
 def _check_inputs(field: Tensor, bounds: tuple[float, float]) -> None:
+    """Shape, dtype and bounds checks (no device sync: finiteness is checked by :func:`marching_cubes` later)."""
     if not isinstance(field, Tensor):
         raise TypeError(f"field must be a torch.Tensor, got {type(field).__name__}")
     if field.dim() not in (3, 4):
@@ -154,8 +177,6 @@ def _check_inputs(field: Tensor, bounds: tuple[float, float]) -> None:
         raise ValueError(f"field needs at least 2 samples per axis, got shape {tuple(field.shape)}")
     if not field.is_floating_point():
         raise TypeError(f"field must be a floating-point tensor, got {field.dtype}")
-    if not bool(torch.isfinite(field).all()):
-        raise ValueError("field contains NaN or infinite values")
     if len(bounds) != 2 or not float(bounds[1]) > float(bounds[0]):
         raise ValueError(f"bounds must be (lo, hi) with hi > lo, got {bounds}")
 
@@ -185,6 +206,13 @@ def marching_cubes(
     tab = _device_tables(device)
     b_count, nx, ny, nz = grids.shape
     shape = (nx, ny, nz)
+    n_grid = nx * ny * nz
+    lo, hi = float(bounds[0]), float(bounds[1])
+    consts = _grid_constants(device, shape, grids.dtype, (lo, hi))
+    strides = consts["strides"]
+    # On CUDA every data-dependent size is a host sync that stalls the launch queue: the checks below are flags read
+    # in one go at the end, with the per-grid counts.
+    nonfinite = ~torch.isfinite(grids).all()  # [] bool
     inside = (grids > 0).to(torch.uint8)  # [B, X, Y, Z]
 
     # 1. Cube configs (corner k = x + 2y + 4z sets bit k), vectorised over all cubes by combining the two corners
@@ -194,71 +222,76 @@ def marching_cubes(
     code = code[..., :-1] | (code[..., 1:] << 4)  # [B, X-1, Y-1, Z-1]
     active = ((code != 0) & (code != 255)).nonzero()  # [A, 4] (b, i, j, k), b-major
     cube_b, cube_ijk = active[:, 0], active[:, 1:]  # [A], [A, 3]
+    n_cubes = active.shape[0]
 
     # 2. Table lookup for the active cubes.
     flat = grids.reshape(-1)
-    strides = torch.tensor([ny * nz, nz, 1], device=device)  # linear index within one grid
-    cube_lin = cube_b * (nx * ny * nz) + (cube_ijk * strides).sum(-1)  # [A] linear index of corner 0
-    corner_lin = torch.tensor([dx * ny * nz + dy * nz + dz for dx, dy, dz in _CORNER_OFFSETS], device=device)
-    values = flat[cube_lin[:, None] + corner_lin].detach()  # [A, 8]
+    cube_lin = cube_b * n_grid + (cube_ijk * strides).sum(-1)  # [A] linear index of corner 0
+    values = flat[cube_lin[:, None] + consts["corner_lin"]].detach()  # [A, 8]
     key = cube_keys(values)  # [A]
     case = tab["case_of_key"][key]  # [A]
-    if bool((case < 0).any()):
-        raise AssertionError("marching_cubes: a cube formed a key that the MC33 tables do not cover")
+    uncovered = (case < 0).any()  # [] bool: a key the tables do not cover (never, if the generator is right)
 
     # 3. One vertex per grid edge with a sign change, shared by the (up to 4) active cubes around it. A grid edge is
     #    named by (b, axis, linear index of its base sample); sorting the names groups the vertices by grid.
-    edge_cross = tab["edge_cross"][key & 255]  # [A, 12] does the cube's edge e change sign
-    edge_base_lin = (tab["edge_base"] * strides).sum(-1)  # [12] base sample of each cube edge, from corner 0
-    edge_name = (cube_lin[:, None] + edge_base_lin) * 3 + tab["edge_axis"]  # [A, 12]
-    names, inverse = torch.unique(edge_name[edge_cross], return_inverse=True)  # [E], [n_crossings]
-    cube_edge_vid = torch.full_like(edge_name, -1)
-    cube_edge_vid[edge_cross] = inverse  # [A, 12] global edge-vertex ids (−1: no crossing, never referenced)
+    edge_cross = tab["edge_cross"][key & 255].reshape(-1)  # [A·12] does the cube's edge e change sign
+    edge_name = (cube_lin[:, None] + consts["edge_base_lin"]) * 3 + tab["edge_axis"]  # [A, 12]
+    crossing = edge_cross.nonzero()[:, 0]  # [n_crossings] flat (cube, edge) slots
+    names, inverse = torch.unique(edge_name.reshape(-1)[crossing], return_inverse=True)  # [E], [n_crossings]
+    cube_edge_vid = torch.full((n_cubes * 12,), -1, dtype=torch.int64, device=device)
+    cube_edge_vid[crossing] = inverse
+    cube_edge_vid = cube_edge_vid.view(n_cubes, 12)  # global edge-vertex ids (−1: no crossing, never referenced)
     edge_axis = names % 3  # [E]
     lin1 = names // 3  # [E] linear index of the base sample (batch included)
-    axis_stride = strides[edge_axis]  # [E]
     s1 = flat[lin1]  # [E] differentiable gathers
-    s2 = flat[lin1 + axis_stride]
+    s2 = flat[lin1 + strides[edge_axis]]
     t = s1 / (s1 - s2)  # [E] one of s1, s2 is > 0 and the other ≤ 0, so s1 ≠ s2
-    edge_b = lin1 // (nx * ny * nz)  # [E]
-    rem = lin1 % (nx * ny * nz)
+    edge_b = lin1 // n_grid  # [E]
+    rem = lin1 % n_grid
     p1 = torch.stack([rem // (ny * nz), (rem // nz) % ny, rem % nz], dim=-1)  # [E, 3] base sample of the edge
-    step = torch.nn.functional.one_hot(edge_axis, 3).to(grids.dtype)  # [E, 3]
+    step = consts["axis_step"][edge_axis]  # [E, 3] (one_hot would sync to check its input on CUDA)
     idx_pos = p1.to(grids.dtype) + t[:, None] * step  # [E, 3] in index units
-    lo, hi = float(bounds[0]), float(bounds[1])
-    spacing = torch.tensor([(hi - lo) / (n - 1) for n in shape], dtype=grids.dtype, device=device)
-    edge_verts = lo + idx_pos * spacing  # [E, 3]
+    edge_verts = lo + idx_pos * consts["spacing"]  # [E, 3]
 
     # 4. Interior vertices: the mean of the crossings listed by the case (long loops, some tubes).
     n_cent = tab["n_centers"][case]  # [A]
-    cent_cube, cent_slot = (n_cent[:, None] > torch.arange(MAX_CENTERS, device=device)).nonzero(as_tuple=True)
+    cent_cube, cent_slot = (n_cent[:, None] > tab["center_slots"]).nonzero(as_tuple=True)
     cent_mask = tab["centers"][case[cent_cube], cent_slot]  # [C, 12] (cube-major order, so grouped by grid)
     cent_pts = edge_verts[cube_edge_vid[cent_cube].clamp(min=0)]  # [C, 12, 3]
     w = cent_mask.to(grids.dtype)[..., None]  # [C, 12, 1]
     center_verts = (cent_pts * w).sum(1) / w.sum(1)  # [C, 3]
 
-    # 5. Per-grid vertex numbering: [edge vertices of grid b, interior vertices of grid b].
-    n_edge_b = torch.bincount(edge_b, minlength=b_count)  # [B]
-    n_cent_b = torch.bincount(cube_b[cent_cube], minlength=b_count)  # [B]
+    # 5. Per-grid vertex numbering: [edge vertices of grid b, interior vertices of grid b]. Counts by index_add
+    #    (bincount would sync for its size).
+    counts = torch.zeros(3, b_count, dtype=torch.int64, device=device)  # edge verts, centre verts, faces per grid
+    cb = cube_b[cent_cube]  # [C]
+    counts[0].index_add_(0, edge_b, torch.ones_like(edge_b))
+    counts[1].index_add_(0, cb, torch.ones_like(cb))
+    n_edge_b, n_cent_b = counts[0], counts[1]
     edge_start = torch.cumsum(n_edge_b, 0) - n_edge_b  # [B]
     cent_start = torch.cumsum(n_cent_b, 0) - n_cent_b  # [B]
-    local_vid = torch.full((active.shape[0], 12 + MAX_CENTERS), -1, dtype=torch.int64, device=device)
+    local_vid = torch.full((n_cubes, 12 + MAX_CENTERS), -1, dtype=torch.int64, device=device)
     local_vid[:, :12] = cube_edge_vid - edge_start[cube_b, None]
     cent_global = torch.arange(cent_cube.numel(), device=device)
-    cb = cube_b[cent_cube]
     local_vid[cent_cube, 12 + cent_slot] = n_edge_b[cb] + cent_global - cent_start[cb]
 
     # 6. Faces: look the triangles up (only the used slots) and re-index them into each grid's vertex list.
-    n_tri = tab["n_triangles"][case]  # [A]
-    face_cube = torch.repeat_interleave(torch.arange(case.numel(), device=device), n_tri)  # [F]
-    first = torch.cumsum(n_tri, 0) - n_tri  # [A]
-    face_slot = torch.arange(face_cube.numel(), device=device) - first[face_cube]  # [F]
+    used = tab["triangle_slots"] < tab["n_triangles"][case][:, None]  # [A, T]
+    face_cube, face_slot = used.nonzero(as_tuple=True)  # [F] cube-major, slots in order
     tri = tab["triangles"][case[face_cube], face_slot]  # [F, 3] local ids
     faces = local_vid[face_cube[:, None], tri]  # [F, 3]
-    n_face_b = torch.bincount(cube_b[face_cube], minlength=b_count)  # [B]
+    fb = cube_b[face_cube]  # [F]
+    counts[2].index_add_(0, fb, torch.ones_like(fb))
 
-    edge_split = edge_verts.split(n_edge_b.tolist())
-    cent_split = center_verts.split(n_cent_b.tolist())
-    face_split = faces.split(n_face_b.tolist())
+    # One sync for the flags and all the sizes.
+    info = torch.cat([counts.reshape(-1), torch.stack([nonfinite, uncovered]).long()]).tolist()
+    if info[-2]:
+        raise ValueError("field contains NaN or infinite values")
+    if info[-1]:
+        raise AssertionError("marching_cubes: a cube formed a key that the MC33 tables do not cover")
+    n_edge_l, n_cent_l, n_face_l = (info[i * b_count:(i + 1) * b_count] for i in range(3))
+    edge_split = edge_verts.split(n_edge_l)
+    cent_split = center_verts.split(n_cent_l)
+    face_split = faces.split(n_face_l)
     meshes = [(torch.cat([e, c], dim=0), f) for e, c, f in zip(edge_split, cent_split, face_split)]
     return meshes[0] if single else meshes

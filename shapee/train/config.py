@@ -78,6 +78,7 @@ class TrainerConfig:
     init_allow_missing: list[str] = field(default_factory=list)  # fnmatch patterns of model keys init may lack
     init_allow_unexpected: list[str] = field(default_factory=list)  # fnmatch patterns of extra keys in the file
     ddp_find_unused_parameters: bool = False  # set true for models whose loss leaves some parameters unused
+    compile: Any = False  # torch.compile the model's compile_targets(): false | true (inductor) | a backend name
     max_nonfinite_in_a_row: int = 10  # abort after this many consecutive non-finite steps
     progress_bar: bool = True  # tqdm on rank 0
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -125,6 +125,8 @@ def train(
 
     # 6. EMA: a copy of the (now synced) weights, frozen and in eval mode (STYLE.md rule 9).
     ema = EMA(model)
+    if cfg.compile:  # after the EMA copy (a plain module) and DDP; Module.compile keeps the state-dict names
+        compile_for_training(model, cfg.compile)
 
     # 7. Optimiser, LR schedule, precision policy (the only place precision is decided, STYLE.md rule 8).
     params = [p for p in model.parameters() if p.requires_grad]
@@ -334,6 +336,21 @@ def train(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pieces of the loop with a name of their own.
+
+
+def compile_for_training(model: nn.Module, setting: Any = True) -> list[nn.Module]:
+    """:func:`torch.compile` (in place, ``Module.compile``) the modules ``model.compile_targets()`` names (the whole
+    model if it names none). ``setting``: ``True`` (inductor) or a backend name. Returns the compiled modules."""
+    if setting is True:
+        kwargs = {}
+    elif isinstance(setting, str) and setting:
+        kwargs = {"backend": setting}
+    else:
+        raise ValueError(f"trainer.compile must be false, true or a torch.compile backend name, got {setting!r}")
+    targets = model.compile_targets() if callable(getattr(model, "compile_targets", None)) else [model]
+    for module in targets:
+        module.compile(**kwargs)
+    return list(targets)
 
 
 def use_fused_adamw(device: torch.device) -> bool:
