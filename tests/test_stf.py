@@ -232,6 +232,17 @@ def test_surface_grad_samples_give_the_dense_gradients_from_a_fraction_of_the_qu
         stf.query_grid(sphere_sdf, 1, 8, grad_samples="some")
 
 
+def test_render_under_bf16_autocast_runs_in_fp32():
+    # The training loop's autocast (bf16 on GPU) reaches render_stf; PyTorch3D's kernels take float32 only.
+    cams = views(n=2, size=24)
+    plain = stf.render_stf(sphere_sdf, position_rgb, [cams], grid_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = stf.render_stf(sphere_sdf, position_rgb, [cams], grid_size=16)
+    assert auto["rgb"].dtype == torch.float32 and auto["alpha"].dtype == torch.float32
+    torch.testing.assert_close(auto["rgb"], plain["rgb"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(auto["alpha"], plain["alpha"], rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ empty meshes
 def test_empty_mesh_in_batch_renders_transparent_and_keeps_the_graph():
     cams = views(n=2, size=32)

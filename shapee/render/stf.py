@@ -523,10 +523,6 @@ def render_meshes(
 
     Returns ``rgb`` ``[B, N, H, W, 3]`` (sRGB on black) and ``alpha`` ``[B, N, H, W]``, float32 on the cameras' device.
     """
-    from pytorch3d.renderer import BlendParams
-    from pytorch3d.renderer.blending import softmax_rgb_blend
-    from pytorch3d.structures import Meshes
-
     B = len(verts_list)
     if B == 0 or len(faces_list) != B or len(colors_list) != B:
         raise ValueError(
@@ -551,10 +547,27 @@ def render_meshes(
         raise ValueError(f"every mesh needs the same number of views, got {[len(c) for c in cams]}")
     all_cams = Cameras.cat(cams)  # [B·N] views, mesh-major (checks equal sizes / fovs)
     device = all_cams.device
-    H, W = all_cams.height, all_cams.width
     if mesh_mask is not None and mesh_mask.shape != (B,):
         raise ValueError(f"mesh_mask must have shape [{B}], got {tuple(mesh_mask.shape)}")
 
+    # Rasterisation and shading in fp32 whatever the caller's autocast (PyTorch3D's kernels take float32 only, and
+    # under bf16 autocast its camera transforms would hand them bf16): STYLE rule 8.
+    with torch.autocast(device.type, enabled=False):
+        return _render_fp32(verts_list, faces_list, colors_list, all_cams, N, mesh_mask, soft=soft, sigma=sigma,
+                            gamma=gamma, faces_per_pixel=faces_per_pixel, light_dir=light_dir, bin_size=bin_size,
+                            max_faces_per_bin=max_faces_per_bin)
+
+
+def _render_fp32(verts_list, faces_list, colors_list, all_cams: Cameras, N: int, mesh_mask, *, soft, sigma, gamma,
+                 faces_per_pixel, light_dir, bin_size, max_faces_per_bin) -> dict:
+    """The body of :func:`render_meshes` after its checks (autocast off)."""
+    from pytorch3d.renderer import BlendParams
+    from pytorch3d.renderer.blending import softmax_rgb_blend
+    from pytorch3d.structures import Meshes
+
+    B = len(verts_list)
+    device = all_cams.device
+    H, W = all_cams.height, all_cams.width
     # Each mesh repeated once per view (mesh-major, like the cameras). Packed tensors stay differentiable.
     verts = [v.float() for v in verts_list for _ in range(N)]
     meshes = Meshes(verts=verts, faces=[f for f in faces_list for _ in range(N)])
