@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +308,51 @@ def test_records_of_wrong_shape_fail_with_clear_errors_in_training_and_are_skipp
     assert "'points_xyz' has shape (1024, 2)" in failures[ids[0]]["error"]
     assert "'view_depth' has shape (2, 64, 64)" in failures[ids[2]]["error"]
     assert f"record {rec[ids[3]]}: views are 32x32, the encoder takes 64x64" == failures[ids[3]]["error"]
+
+
+def test_an_asset_that_encodes_to_nan_is_skipped_and_recorded(inputs, tmp_path):
+    # A record with a NaN among its point values passes the shape/dtype checks; its latent is NaN, which must not
+    # reach the latent set (write_latent_record refuses it) nor stop the run.
+    records, encoder = inputs
+    records, ids = _records_copy(records, tmp_path / "records")
+    bad = records / "records" / f"{ids[2]}.npz"
+
+    def poison(a):
+        a = a.copy()
+        a[5, 0] = np.nan
+        return a
+
+    _rewrite(bad, points_xyz=poison)
+    out = tmp_path / "latents"
+    summary = extract_latents(extract_config(records, encoder, out, batch_size=4))
+    assert (summary["extracted"], summary["failed"]) == (3, 1)
+    assert sorted(read_latent_manifests(out)) == [ids[0], ids[1], ids[3]]
+    (failure,) = map(json.loads, (out / "failures.jsonl").read_text().splitlines())
+    assert failure["asset"] == ids[2] and failure["stage"] == "encode" and failure["source"] == str(bad)
+    assert "non-finite" in failure["error"]
+    entries = read_latent_manifests(out)
+    for asset_id in (ids[0], ids[1], ids[3]):
+        _, tensors = read_latent_record(out / entries[asset_id]["record"])
+        assert torch.isfinite(tensors["latent"].float()).all()
+
+
+def test_a_batch_whose_forward_raises_is_retried_asset_by_asset():
+    from shapee.train.extract import _encode_guarded
+
+    class Picky(torch.nn.Module):  # raises whenever asset "b" is in the batch, like an out-of-memory on one asset
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, batch, generator=None):
+            if "b" in batch["asset_id"]:
+                raise RuntimeError("CUDA out of memory (pretend)")
+            return batch["x"][:, None, None] * self.w
+
+    batch = {"asset_id": ["a", "b", "c"], "x": torch.tensor([1.0, 2.0, 3.0]), "captions": [["A"], ["B"], ["C"]]}
+    latent, failures = _encode_guarded(Picky(), batch, torch.Generator(), torch.float32, {"b": Path("r/b.npz")})
+    assert [f["asset"] for f in failures] == ["b"] and failures[0]["stage"] == "encode"
+    assert "RuntimeError: CUDA out of memory (pretend)" == failures[0]["error"] and failures[0]["source"] == "r/b.npz"
+    assert latent.shape == (3, 1, 1) and latent[0].item() == 1.0 and latent[2].item() == 3.0
+    alone, fails = _encode_guarded(Picky(), {"asset_id": ["b"], "x": torch.tensor([2.0])}, None, torch.float32, {})
+    assert alone is None and [f["asset"] for f in fails] == ["b"]

@@ -9,7 +9,8 @@ conditioning this run stores: a ``cond=image`` run redoes text-only records).
 
 One broken record does not stop the run (the prepare-data precedent, :mod:`shapee.data.prepare`): a record that
 cannot be read (truncated or garbage file, missing arrays, wrong dtypes or shapes, a resolution or view/point count
-the encoder cannot take) is skipped and recorded as one JSON line ``{"asset", "source" (the record file), "stage",
+the encoder cannot take), and one whose encoding fails (the forward raises for it, retried alone after its batch
+failed, or its latent is not finite: NaN or inf among its values) is skipped and recorded as one JSON line ``{"asset", "source" (the record file), "stage",
 "error"}`` in ``<out>/failures.jsonl`` (``failures-<r>-of-<n>.jsonl`` per rank of a multi-process run); the summary
 counts them. Like prepare-data, a rerun skips recorded failures too (they stay on record); ``retry_failed=true``
 drops this rank's failure lines for its assets and tries them again (e.g. after re-preparing the records).
@@ -165,6 +166,62 @@ def _collate_guarded(items: list[dict]) -> tuple[dict | None, list[dict]]:
     return (collate_assets(good) if good else None), [it["failure"] for it in items if "failure" in it]
 
 
+def _select(batch: dict, index: list[int]) -> dict:
+    """The items ``index`` of a collated batch (tensors and per-item lists alike)."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            out[k] = v[torch.as_tensor(index, device=v.device)]
+        elif isinstance(v, (list, tuple)):
+            out[k] = [v[i] for i in index]
+        else:
+            out[k] = v
+    return out
+
+
+def _encode_guarded(encoder, batch: dict, generator: torch.Generator, amp_dtype: torch.dtype,
+                    sources: Mapping[str, Path]) -> tuple[torch.Tensor | None, list[dict]]:
+    """Latents ``[B, n_ctx, d_latent]`` (float32) of a batch, and failure entries for the assets that could not be
+    encoded: a forward that raises is retried asset by asset (the one that raises is that asset's failure), and an
+    asset whose latent is not finite (NaN or inf in its record's values) fails instead of reaching the latent set.
+    Failed assets' rows are left as they came out; the caller drops them. ``sources``: asset id → record file."""
+    device_type = next(encoder.parameters()).device.type
+
+    def encode(b: dict) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            return encoder(b, generator=generator).float()  # [B, n_ctx, d_latent] in (−1, 1)
+
+    ids = list(batch["asset_id"])
+    failures: list[dict] = []
+
+    def failure(asset: str, error: str) -> dict:
+        return {"asset": asset, "source": str(sources.get(asset, "")), "stage": "encode", "error": error}
+
+    try:
+        latent = encode(batch)
+    except Exception as e:  # e.g. CUDA out of memory on one odd asset: not the run's failure
+        if len(ids) == 1:
+            return None, [failure(ids[0], f"{type(e).__name__}: {e}")]
+        rows = []
+        for b, asset in enumerate(ids):  # one at a time: find the asset the batch could not take
+            try:
+                rows.append(encode(_select(batch, [b]))[0])
+            except Exception as e1:
+                failures.append(failure(asset, f"{type(e1).__name__}: {e1}"))
+                rows.append(None)
+        good = next((r for r in rows if r is not None), None)
+        if good is None:
+            return None, failures
+        latent = torch.stack([r if r is not None else torch.full_like(good, float("nan")) for r in rows])
+    finite = torch.isfinite(latent).flatten(1).all(1).tolist()  # [B]
+    failed = {f["asset"] for f in failures}
+    for asset, ok in zip(ids, finite):
+        if not ok and asset not in failed:
+            failures.append(failure(asset, "the encoder's latent has non-finite values (NaN or inf in the record's "
+                                           "points or views?)"))
+    return latent, failures
+
+
 def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Encode every prepared record of ``cfg.records`` not yet in ``cfg.out`` (this rank's share); returns a summary.
 
@@ -241,6 +298,7 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         _GuardedItems(dataset, encoder.image_size), batch_size=int(cfg.batch_size), shuffle=False,
         num_workers=int(cfg.num_workers), collate_fn=_collate_guarded, pin_memory=device.type == "cuda",
     )
+    sources = {r.asset_id: dataset.root / r.record for r in dataset.records}
     amp_dtype = resolve_precision(cfg.precision, device)
     generator = torch.Generator(device).manual_seed(int(cfg.seed) * world + rank)
     progress = tqdm(total=len(todo), desc="extract", disable=not (cfg.progress and rank == 0))
@@ -255,9 +313,18 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             if batch is None:
                 continue
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                latent = encoder(batch, generator=generator)  # [B, n_ctx, d_latent] in (−1, 1)
-            latent = latent.float()
+            latent, failures = _encode_guarded(encoder, batch, generator, amp_dtype, sources)
+            for failure in failures:
+                append_jsonl(failures_path, failure)
+                tqdm.write(f"extract_latents: skipped {failure['asset']} [{failure['stage']}]: {failure['error']}",
+                           file=sys.stderr)
+            summary["failed"] += len(failures)
+            progress.update(len(failures))
+            if failures:  # keep the assets that encoded
+                keep = [b for b, a in enumerate(batch["asset_id"]) if a not in {f["asset"] for f in failures}]
+                if not keep:
+                    continue
+                batch, latent = _select(batch, keep), latent[keep]
             grids = views = None
             if cond == "image":
                 views = batch["views"][:, int(cfg.cond_view)]  # [B, H, W, 3] in [0, 1]
