@@ -1,6 +1,5 @@
 """shapee.encoder at tiny sizes: ball query, point conv, multiview pixels, bottleneck statistics, the whole encoder."""
 
-import math
 
 import pytest
 import torch

@@ -490,8 +490,8 @@ def test_query_chunk_bounds_the_points_per_call_and_calls_hold_whole_rays():
 def test_shared_levels_evaluate_each_sample_once_and_skip_missing_rays():
     calls = []
     o, d = random_rays(2, 37)  # asset hits: 24 and 20 of 37
-    out = render_rays(two_head_field(calls), o, d, n_coarse=8, n_fine=16, deterministic=True, shared_levels=True,
-                      query_chunk=None)
+    render_rays(two_head_field(calls), o, d, n_coarse=8, n_fine=16, deterministic=True, shared_levels=True,
+                query_chunk=None)
     assert calls == [("both", (2, 24, 8, 3)), ("fine", (2, 24, 16, 3))]
     calls.clear()
     render_rays(two_head_field(calls), o, d, n_coarse=8, n_fine=16, deterministic=True, query_chunk=None)

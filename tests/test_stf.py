@@ -4,7 +4,6 @@ Small grids (24–32³) and images (48²) keep this CPU-only file fast; the refe
 renderer (shapee.data.render, Embree ray casting) with the same cameras.
 """
 
-import math
 
 import numpy as np
 import pytest

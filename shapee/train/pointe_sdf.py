@@ -89,8 +89,10 @@ def train_pointe_sdf(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     if holdout > 0 and len(dataset) > holdout:
         dataset, held_out = dataset.split(holdout, seed=int(cfg.eval.seed))
 
-        def eval_fn(ema_model: PointESDF, step: int) -> dict[str, float]:
+        def held_out_metrics(ema_model: PointESDF, step: int) -> dict[str, float]:
             return sdf_metrics(ema_model, held_out, batch_size=int(cfg.eval.batch_size), band=float(cfg.eval.band))
+
+        eval_fn = held_out_metrics
 
     trainer_cfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
     return train(
