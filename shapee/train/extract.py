@@ -302,24 +302,23 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     amp_dtype = resolve_precision(cfg.precision, device)
     generator = torch.Generator(device).manual_seed(int(cfg.seed) * world + rank)
     progress = tqdm(total=len(todo), desc="extract", disable=not (cfg.progress and rank == 0))
+
+    def record_failures(failures: list[dict]) -> None:
+        for failure in failures:
+            append_jsonl(failures_path, failure)
+            tqdm.write(f"extract_latents: skipped {failure['asset']} [{failure['stage']}]: {failure['error']}",
+                       file=sys.stderr)
+        summary["failed"] += len(failures)
+        progress.update(len(failures))
+
     with torch.no_grad():
         for batch, failures in loader:
-            for failure in failures:
-                append_jsonl(failures_path, failure)
-                tqdm.write(f"extract_latents: skipped {failure['asset']} [{failure['stage']}]: {failure['error']}",
-                           file=sys.stderr)
-            summary["failed"] += len(failures)
-            progress.update(len(failures))
+            record_failures(failures)
             if batch is None:
                 continue
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             latent, failures = _encode_guarded(encoder, batch, generator, amp_dtype, sources)
-            for failure in failures:
-                append_jsonl(failures_path, failure)
-                tqdm.write(f"extract_latents: skipped {failure['asset']} [{failure['stage']}]: {failure['error']}",
-                           file=sys.stderr)
-            summary["failed"] += len(failures)
-            progress.update(len(failures))
+            record_failures(failures)
             if failures:  # keep the assets that encoded
                 keep = [b for b, a in enumerate(batch["asset_id"]) if a not in {f["asset"] for f in failures}]
                 if not keep:
