@@ -55,7 +55,8 @@ def bench_denoiser(
     (autocast; slower than fp32 on CPUs without AMX). ``compile=True`` wraps the model in :func:`torch.compile`
     (inductor; needs a C++ compiler on CPU); its compile time shows in ``first_call_seconds``, not in the median.
     ``cuda_graph=True`` (CUDA only) captures one forward into a CUDA graph after the warm-up and times its replays, as
-    the sampler runs them (:mod:`shapee.diffusion.cuda_graph`). ``model_overrides`` go to :class:`~shapee.models.denoiser.LatentDenoiser` (e.g. ``layers=2`` for a quick run).
+    the sampler runs them (:mod:`shapee.diffusion.cuda_graph`). ``model_overrides`` go to
+    :class:`~shapee.models.denoiser.LatentDenoiser` (e.g. ``layers=2`` for a quick run).
     Returns a JSON-ready dict.
     """
     from shapee.models.denoiser import LatentDenoiser

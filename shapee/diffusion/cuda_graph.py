@@ -1,10 +1,11 @@
 """CUDA graphs for the sampler's fixed-shape denoiser calls.
 
 A sampler calls the same denoise function ``(x_t, t) -> (x0, var | None)`` a hundred times with tensors of one shape
-(64 Karras steps = 127 calls at batch 2 with guidance). At the released size one eager call launches about a thousand
-small kernels, and on a fast GPU the launches, not the arithmetic, set the pace. :class:`CUDAGraphDenoiser` runs the
-function a few times to warm up, captures one call into a :class:`torch.cuda.CUDAGraph`, and from then on copies the
-inputs into the captured buffers and replays the graph: the same kernels on the same data, launched in one go.
+(64 Karras steps = 127 calls at batch 2 with guidance). At the released size one eager call launches hundreds of
+small kernels (24 blocks), and on a fast GPU the launches, not the arithmetic, set the pace. :class:`CUDAGraphDenoiser`
+runs the function a few times to warm up, captures one call into a :class:`torch.cuda.CUDAGraph`, and from then on
+copies the inputs into the captured buffers and replays the graph: the same kernels on the same data, launched in one
+go.
 
 What a captured function must not do (the denoise functions of :class:`~shapee.models.LatentDiffusion` do none of it):
 synchronise with the host (``.item()``, ``nonzero``, printing a tensor), draw random numbers, or depend on Python

@@ -131,6 +131,12 @@ def _checked_sdf(query_fn: SdfFn) -> Callable[[Tensor], Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- 1. the grid
+def _grid_axis(count: int, grid_size: int, lo: float, hi: float, device) -> Tensor:
+    """``[count]`` float64 sample coordinates ``lo + i/(N−1)·(hi − lo)`` of an ``N = grid_size`` grid (``count`` may
+    run past N). The one formula of every grid query, so that a sample has bit-identical coordinates in all of them."""
+    return lo + torch.arange(count, device=device, dtype=torch.float64) / (grid_size - 1) * (hi - lo)
+
+
 def grid_points(
     grid_size: int,
     bounds: tuple[float, float] = (-1.0, 1.0),
@@ -142,7 +148,7 @@ def grid_points(
     if grid_size < 2:
         raise ValueError(f"grid_size must be at least 2, got {grid_size}")
     lo, hi = _check_bounds(bounds)
-    axis = lo + torch.arange(grid_size, device=device, dtype=torch.float64) / (grid_size - 1) * (hi - lo)  # [N]
+    axis = _grid_axis(grid_size, grid_size, lo, hi, device)  # [N]
     return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).to(dtype)  # [N, N, N, 3]
 
 
@@ -212,7 +218,7 @@ def _requery_surface_samples(checked: Callable[[Tensor], Tensor], sdf: Tensor, b
     need |= inside & shell
     need[:, 0, 0, 0] = True  # one sample per asset always: the field stays in the graph (DDP) even without a surface
     index = need.nonzero()  # [K, 4] asset-major
-    axis = (lo + torch.arange(n, device=sdf.device, dtype=torch.float64) / (n - 1) * (hi - lo)).to(torch.float32)
+    axis = _grid_axis(n, n, lo, hi, sdf.device).to(torch.float32)  # [N]
     values = _query_points(checked, index, axis, batch_size, chunk)  # [K] with autograd
     return sdf.index_put((index[:, 0], index[:, 1], index[:, 2], index[:, 3]), values)
 
@@ -298,7 +304,7 @@ def query_grid_narrow_band(
     # One axis for all levels: level l uses every 2^l-th entry. Same formula (float64, then cast) as grid_points, so
     # a sample has bit-identical coordinates to the dense grid's.
     extent = (sizes[top] - 1) * 2**top + 1  # ≥ N
-    axis = lo + torch.arange(extent, device=device, dtype=torch.float64) / (grid_size - 1) * (hi - lo)
+    axis = _grid_axis(extent, grid_size, lo, hi, device)
     axis = axis.to(torch.float32)  # [extent]
 
     # Coarsest level: dense.
