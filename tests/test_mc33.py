@@ -407,6 +407,7 @@ def test_cuda_matches_cpu():
 def test_benchmark_reports_both_timings():
     from shapee.benchmarks.marching_cubes import benchmark_marching_cubes
 
-    result = benchmark_marching_cubes(grid_size=32, repeats=1)
+    result = benchmark_marching_cubes(grid_size=32, repeats=1, batch=3)
     assert result["ours_s"] > 0 and result["skimage_s"] > 0
+    assert result["batch"] == 3 and result["ours_per_field_s"] == result["ours_batch_s"] / 3 > 0
     assert result["ours_faces"] == result["skimage_faces"]  # the smooth benchmark field has no ambiguous cube

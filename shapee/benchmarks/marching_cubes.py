@@ -45,27 +45,32 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def benchmark_marching_cubes(
-    grid_size: int = 128, repeats: int = 3, device: str = "cpu", num_threads: int | None = None
+    grid_size: int = 128, repeats: int = 3, device: str = "cpu", num_threads: int | None = None, batch: int = 1
 ) -> dict[str, float]:
     """Time ours vs scikit-image on :func:`benchmark_field` (best of ``repeats``; tables generated beforehand).
 
     ``num_threads``: torch CPU threads for our timing (restored afterwards); None keeps torch's setting. On a shared,
     oversubscribed machine one thread is often faster: each of our ~100 tensor ops otherwise waits for both threads.
 
+    ``batch`` > 1 also times one call on ``batch`` copies of the field (a batched extraction):
+    ``ours_batch_s`` and ``ours_per_field_s`` (= ``ours_batch_s / batch``).
+
     Returns:
         ``ours_s``, ``skimage_s``, ``ratio`` (ours / skimage), ``ours_faces``, ``skimage_faces``, ``grid_size``,
-        ``threads``. ``skimage_s`` is NaN when scikit-image is not installed.
+        ``threads`` (and the batch keys above). ``skimage_s`` is NaN when scikit-image is not installed.
     """
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _benchmark(grid_size, repeats, device)
+        return _benchmark(grid_size, repeats, device, batch)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _benchmark(grid_size: int, repeats: int, device: str) -> dict[str, float]:
+def _benchmark(grid_size: int, repeats: int, device: str, batch: int = 1) -> dict[str, float]:
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     field = benchmark_field(grid_size).to(device)
     marching_cubes(field[:4, :4, :4])  # generate and move the tables outside the timed region
 
@@ -83,6 +88,18 @@ def _benchmark(grid_size: int, repeats: int, device: str) -> dict[str, float]:
         "ours_s": ours_s,
         "ours_faces": float(faces.shape[0]),
     }
+    if batch > 1:
+        fields = field[None].repeat(batch, 1, 1, 1)  # [batch, N, N, N]
+
+        def ours_batched() -> list:
+            out = marching_cubes(fields)
+            if fields.is_cuda:
+                torch.cuda.synchronize()
+            return out
+
+        ours_batched()  # warm-up at this size
+        batch_s = _best_time(ours_batched, repeats)
+        result.update(batch=float(batch), ours_batch_s=batch_s, ours_per_field_s=batch_s / batch)
     try:
         from skimage.measure import marching_cubes as sk_marching_cubes
     except ImportError:
