@@ -39,6 +39,16 @@ def test_flop_count_of_a_linear_layer_forward_and_backward():
     assert common.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 8 * 64 * 32
 
 
+def test_flop_count_includes_attention_on_the_cpu():
+    # torch's counter has no formula for the CPU attention kernel: without ours, attention counted as 0 FLOPs on CPU
+    q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for n in (5, 7, 7))
+    products = 2 * 2 * 3 * 5 * 7 * 8  # one [5×8]·[8×7] (or [5×7]·[7×8]) product per batch and head
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    explicit = lambda: torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v  # noqa: E731
+    assert common.count_flops(sdpa) == common.count_flops(explicit) == 2 * products
+    assert common.count_flops(lambda: sdpa().sum().backward()) == (2 + 5) * products  # backward recomputes S
+
+
 def test_timed_runs_warmup_then_repeats_and_rejects_bad_counts():
     calls = []
     times = common.timed(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)

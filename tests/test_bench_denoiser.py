@@ -38,3 +38,24 @@ def test_bench_denoiser_image_preset_and_bad_arguments():
         bench_denoiser(repeats=0, device="cpu", **TINY)
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
         bench_denoiser(cuda_graph=True, device="cpu", **TINY)
+
+
+def test_bench_denoiser_counts_the_forwards_flops_and_compares_them_with_a_measured_gemm_rate():
+    from shapee.benchmarks.common import count_flops
+    from shapee.benchmarks.denoiser import gemm_rate
+
+    r = bench_denoiser(batch_size=2, device="cpu", repeats=1, warmup=0, **TINY, cond_dim=12)
+    # counted on the meta device = counted on a real forward (autograd on: the plain, non-in-place path)
+    model = LatentDenoiser(cond_mode="text", **TINY, cond_dim=12)
+    x_t, t, c = torch.randn(2, 6, 8), torch.tensor([3, 700]), torch.randn(2, 12)
+    assert r["flops"] == count_flops(lambda: model(x_t, t, c))
+    # backbone GEMMs alone (2 layers, 8 tokens = 6 latents + time + CLIP, 12·W² weights per layer): a lower bound
+    assert r["flops"] > 2 * 2 * 8 * 12 * 16 * 16 * 2
+    assert r["achieved_tflops"] == pytest.approx(r["flops"] / r["seconds_median"] / 1e12)
+    g = r["gemm_reference"]
+    assert g["shape"] == [2 * 6, 16, 64] and g["dtype"] == "float32"
+    assert r["gemm_floor_seconds"] == pytest.approx(r["flops"] / (g["tflops"] * 1e12))
+    assert r["fraction_of_gemm_rate"] == pytest.approx(r["gemm_floor_seconds"] / r["seconds_median"])
+    assert "GFLOP per forward" in format_denoiser_table(r)
+    big = gemm_rate(256, 128, 512, torch.device("cpu"), torch.float32, repeats=3)
+    assert big["tflops"] == pytest.approx(2 * 256 * 128 * 512 / big["seconds"] / 1e12) and big["seconds"] > 0

@@ -105,13 +105,34 @@ def bf16_peak_flops(device: torch.device) -> float | None:
     return BF16_PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
+def _cpu_attention_forward_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """S = Q·Kᵀ and O = P·V on shapes ``[B, H, S, d]``."""
+    (b, h, s_q, d), s_k, d_v = q, k[-2], v[-1]
+    return 2 * b * h * s_q * s_k * (d + d_v)
+
+
+def _cpu_attention_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """The five products torch's counter gives the GPU kernels' backward: S recomputed, dP = dO·Vᵀ, dV = Pᵀ·dO,
+    dQ = dS·K, dK = dSᵀ·Q."""
+    (b, h, s_q, d), s_k, d_v = q, k[-2], v[-1]
+    return 2 * b * h * s_q * s_k * (3 * d + 2 * d_v)
+
+
+# torch.utils.flop_counter knows the GPU attention kernels (flash, memory-efficient, cuDNN) but not the CPU one that
+# F.scaled_dot_product_attention runs on a CPU; without these a CPU forward's attention FLOPs count as zero.
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_forward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """Model FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward if ``fn`` runs
     it), counted by ``torch.utils.flop_counter`` as they run, 2 FLOPs per multiply-add. Under activation
     checkpointing the recomputed forward is counted too (hardware rather than model FLOPs): measure MFU without it."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
     with counter:
         fn()
     return int(counter.get_total_flops())

@@ -37,6 +37,35 @@ def _seconds(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - cpu0
 
 
+def _forward_flops(kwargs: dict, batch_size: int, cond_shape: torch.Size) -> int:
+    """Model FLOPs of one forward (``torch.utils.flop_counter``: matmuls and attention, 2 per multiply-add), counted
+    on the meta device: no memory, no arithmetic, about a second for text300M."""
+    from shapee.benchmarks.common import count_flops
+    from shapee.models.denoiser import LatentDenoiser
+
+    with torch.device("meta"):
+        model = LatentDenoiser(**kwargs).eval()
+        x_t = torch.empty(batch_size, model.n_ctx, model.d_latent)
+        t = torch.zeros(batch_size, dtype=torch.long)
+        c = torch.empty(cond_shape)
+    with torch.no_grad():
+        return count_flops(lambda: model(x_t, t, c))
+
+
+def gemm_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, *, repeats: int = 5) -> dict:
+    """This machine's measured rate for one ``[m, k] × [k, n]`` matrix product laid out as ``nn.Linear`` computes it
+    (``x · Wᵀ``), in ``dtype``: the yardstick a forward made of such GEMMs can at best reach (a CPU has no datasheet
+    peak that its BLAS attains; this is the attained one). Median of ``repeats`` after two warm-ups."""
+    from shapee.benchmarks.common import timed
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(device, dtype)
+    w = torch.randn(n, k, generator=g).to(device, dtype)
+    seconds = statistics.median(timed(lambda: torch.mm(a, w.t()), device, repeats=repeats, warmup=2))
+    return {"shape": [m, k, n], "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
+            "tflops": 2 * m * k * n / seconds / 1e12}
+
+
 def bench_denoiser(
     *,
     batch_size: int = 2,
@@ -84,6 +113,9 @@ def bench_denoiser(
         c = torch.nn.functional.normalize(torch.randn(batch_size, model.cond_dim, generator=g), dim=-1).to(dev)  # [B, D]
     else:
         c = torch.randn(batch_size, model.cond_tokens, model.cond_dim, generator=g).to(dev)  # [B, 256, D]
+    flops = _forward_flops(kwargs, batch_size, c.shape)
+    gemm = gemm_rate(batch_size * model.n_ctx, model.width, 4 * model.width, dev,
+                     torch.bfloat16 if bf16 else torch.float32)
     fn = torch.compile(model) if compile else model
     def forward():
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
@@ -116,6 +148,12 @@ def bench_denoiser(
         "first_call_seconds": first if first is not None else times[0],
         "peak_memory_gb": peak,
         "memory_kind": kind,
+        "flops": flops,
+        "achieved_tflops": flops / statistics.median(times) / 1e12,
+        "gemm_reference": gemm,
+        # the forward's FLOPs at the rate of its own largest GEMM: what a perfect kernel schedule would take
+        "gemm_floor_seconds": flops / (gemm["tflops"] * 1e12),
+        "fraction_of_gemm_rate": flops / statistics.median(times) / (gemm["tflops"] * 1e12),
         "machine": {"device": str(dev),
                     "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -134,4 +172,13 @@ def format_denoiser_table(result: dict) -> str:
         f"({', '.join(f'{x:.4f}' for x in result['seconds'])}), {result['cpu_seconds_median']:.2f} CPU-s; "
         f"first call {result['first_call_seconds']:.3f} s",
         f"  peak memory: {result['peak_memory_gb']:.2f} GB [{result['memory_kind']}]",
+        *([_roofline_line(result)] if "flops" in result else []),
     ])
+
+
+def _roofline_line(result: dict) -> str:
+    g = result["gemm_reference"]
+    m, k, n = g["shape"]
+    return (f"  {result['flops'] / 1e9:.0f} GFLOP per forward at {result['achieved_tflops'] * 1e3:.0f} GFLOP/s = "
+            f"{100 * result['fraction_of_gemm_rate']:.0f} % of this machine's {g['dtype']} GEMM rate "
+            f"({g['tflops'] * 1e3:.0f} GFLOP/s, [{m}×{k}]·[{n}×{k}]ᵀ): floor {result['gemm_floor_seconds']:.3f} s")

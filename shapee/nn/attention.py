@@ -51,7 +51,9 @@ def _check_heads(width: int, heads: int) -> int:
 def _inference_fast_path(x: Tensor, module: nn.Module) -> bool:
     """Whether :meth:`Transformer.forward` / :meth:`SimplePerceiver.forward` may run the in-place inference path:
     no autograd (nothing to save for backward), no autocast (buffers keep the weights' dtype), matching dtypes."""
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+    if torch.is_grad_enabled() or not torch.amp.is_autocast_available(x.device.type):
+        return False  # (autocast knows no "meta": FLOP counting on the meta device takes the plain path)
+    if torch.is_autocast_enabled(x.device.type):
         return False
     p = next(module.parameters(), None)
     return p is not None and p.dtype == x.dtype and p.device == x.device
