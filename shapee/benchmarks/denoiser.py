@@ -151,7 +151,7 @@ def bench_denoiser(
         "flops": flops,
         "achieved_tflops": flops / statistics.median(times) / 1e12,
         "gemm_reference": gemm,
-        # the forward's FLOPs at the rate of its own largest GEMM: what a perfect kernel schedule would take
+        # the forward's FLOPs at the measured rate of its own largest GEMM: what it takes if all of it ran that fast
         "gemm_floor_seconds": flops / (gemm["tflops"] * 1e12),
         "fraction_of_gemm_rate": flops / statistics.median(times) / (gemm["tflops"] * 1e12),
         "machine": {"device": str(dev),
@@ -181,4 +181,4 @@ def _roofline_line(result: dict) -> str:
     m, k, n = g["shape"]
     return (f"  {result['flops'] / 1e9:.0f} GFLOP per forward at {result['achieved_tflops'] * 1e3:.0f} GFLOP/s = "
             f"{100 * result['fraction_of_gemm_rate']:.0f} % of this machine's {g['dtype']} GEMM rate "
-            f"({g['tflops'] * 1e3:.0f} GFLOP/s, [{m}×{k}]·[{n}×{k}]ᵀ): floor {result['gemm_floor_seconds']:.3f} s")
+            f"({g['tflops'] * 1e3:.0f} GFLOP/s on [{m}×{k}]·[{n}×{k}]ᵀ, at which its FLOPs take {result['gemm_floor_seconds']:.2f} s)")
