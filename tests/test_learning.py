@@ -6,23 +6,26 @@ initialised from the previous one's snapshot, exactly as a user chains them. The
 ones quoted in README (the same commands, see README "Results"). Evaluation is fixed: the 2 held-out target views of
 all 8 assets at 64² (never trained on), NeRF with deterministic sampling, STF = the mesh of a 32³ grid rendered at 64².
 
-The recipe (batch 8 = every asset every step, AdamW, CPU at 2 threads; ~8 CPU-minutes for the whole file, estimated
-from 1-thread stage timings):
+The recipe (batch 8 = every asset every step, AdamW, CPU at 2 threads; the whole file took 7:20–8:15 wall-clock on
+the 2-core development machine):
 
 * all stages: the tiny transmitter with a 64-wide NeRSTF MLP (``model.mlp.d_hidden=64``; the preset's 32 underfits:
   training-ray PSNR = held-out PSNR ≈ 18 dB, and 300 / 400 steps with a cosine decay only reach 18.0 / 18.2 dB).
 * nerf: NERF_STEPS steps at lr 3e-3 (20 warm-up steps), constant (held out after 250 steps: 21.56 / 21.50 / 20.27 dB
   with seeds 0 / 1 / 2; before the initial weights were seeded, one start read 17.0 / 18.7 / 21.65 dB after 100 / 200
   / 250 steps: the last 50 steps matter).
-* distill: DISTILL_STEPS steps at lr 3e-3 (20 warm-up steps).
+* distill: DISTILL_STEPS steps at lr 3e-3 (20 warm-up steps). Its first steps cost the NeRF up to ~2 dB (training
+  rays, seed 1: 22.2 → 19.8 dB at step 30) before it recovers: after 40 steps seed 1 was still 1.34 dB below its nerf
+  stage, after 80 steps 0.45 dB above it, with the mesh far better (STF 17.8 → 21.7 dB).
 * finetune: FINETUNE_STEPS steps at lr 1e-4 (5 warm-up steps), the mesh-render loss on 1 random training view per
-  asset rendered at 32² with a soft-raster σ of 1e-3 (``stage.stf_sigma``; the STF evaluation stays at 64² with the
-  official σ 1e-5). A finetune step costs ~4× a nerf step on a CPU: the grid query, marching cubes, PyTorch3D's naive
-  rasteriser and the backward through them, in about equal parts. At lr 3e-3 a fresh optimiser costs the NeRF ~3 dB
-  in 10 steps; at 5e-4 seed 0 lost 1.15 dB STF. At 1e-4 with the official σ (a 0.15 px soft edge at 32²) seeds
-  0 / 1 / 2 gave +0.67 / +0.80 / -1.53 dB STF over distill; with σ 1e-3 (≈ 1.5 px) +0.33 / +0.66 / +0.67 dB, the
-  NeRF within 1 dB of the nerf stage for seeds 0 and 2 but 1.67 dB below it for seed 1 (whose distill had already
-  cost 1.34 dB): README "Results".
+  asset at the records' 64² with the official soft-raster σ 1e-5. A finetune step costs ~4–6× a nerf step on a CPU:
+  the grid query, marching cubes, PyTorch3D's naive rasteriser and the backward through them. After the 80-step
+  distill, cheaper renders hurt the mesh: at 32² (σ 1e-3) the finetune lost 0.96 / 0.96 dB STF with seeds 0 / 1
+  (also with 2 views, lr 3e-5, or the NeRF terms off: −0.5 to −1.5 dB; Chamfer 40 → 54 ×10⁻³, F-score 0.31 → 0.12
+  for seed 1 by ``evaluate.py``), while at 64² it gains with every seed (README "Results"). At lr 3e-3 a fresh
+  optimiser costs the NeRF ~3 dB in 10 steps; at 5e-4 (32²) seed 0 lost 1.15 dB STF.
+* "NeRF quality kept" is one-sided: the later stages keep training the NeRF loss, so their NeRF PSNR may rise above
+  the nerf stage's (it does, by up to 1.24 dB); what the check guards against is losing more than 1 dB.
 
 ``SHAPEE_LEARN_{NERF,DISTILL,FINETUNE}_STEPS`` and ``SHAPEE_LEARN_SEED`` override the step counts and the seed.
 """
@@ -44,7 +47,7 @@ pytestmark = pytest.mark.slow
 
 # Step counts of the README table (CPU, 2 threads); override to explore.
 NERF_STEPS = int(os.environ.get("SHAPEE_LEARN_NERF_STEPS", "250"))
-DISTILL_STEPS = int(os.environ.get("SHAPEE_LEARN_DISTILL_STEPS", "40"))
+DISTILL_STEPS = int(os.environ.get("SHAPEE_LEARN_DISTILL_STEPS", "80"))
 FINETUNE_STEPS = int(os.environ.get("SHAPEE_LEARN_FINETUNE_STEPS", "40"))
 SEED = int(os.environ.get("SHAPEE_LEARN_SEED", "0"))
 
@@ -58,8 +61,7 @@ TRAIN = ["model.mlp.d_hidden=64", "trainer.batch_size=8", "trainer.ema.halflife_
 RECIPE = {
     "nerf": ["trainer.optimizer.lr=3e-3", "trainer.lr_schedule.warmup_steps=20"],
     "distill": ["trainer.optimizer.lr=3e-3", "trainer.lr_schedule.warmup_steps=20"],
-    "finetune": ["trainer.optimizer.lr=1e-4", "trainer.lr_schedule.warmup_steps=5", "stage.stf_views=1",
-                 "stage.stf_resolution=32", "stage.stf_sigma=1e-3"],
+    "finetune": ["trainer.optimizer.lr=1e-4", "trainer.lr_schedule.warmup_steps=5", "stage.stf_views=1"],
 }
 
 
@@ -117,7 +119,7 @@ def test_distill_makes_a_mesh_and_keeps_nerf_quality(stages):
     assert sdf[-1] < 0.7 * sdf[0]
     # Meshes appear (STF PSNR rises over the NeRF-only encoder's) while NeRF quality stays within 1 dB.
     assert stages["distill"]["eval/stf_psnr"] > stages["nerf"]["eval/stf_psnr"] + 1.0
-    assert abs(stages["distill"]["eval/nerf_psnr"] - stages["nerf"]["eval/nerf_psnr"]) <= 1.0
+    assert stages["distill"]["eval/nerf_psnr"] >= stages["nerf"]["eval/nerf_psnr"] - 1.0
 
 
 def test_finetune_chains_from_distill(stages):
@@ -128,7 +130,7 @@ def test_finetune_chains_from_distill(stages):
 
 def test_finetune_improves_the_mesh_and_keeps_nerf_quality(stages):
     # Issue 4: the held-out STF PSNR after finetune is above the one after distill, and the NeRF PSNR stays within
-    # 1 dB of the nerf stage's. Seed 0 (CI): +0.33 dB STF, NeRF +0.20 dB. Holds for seed 2 too; seed 1 gains STF
-    # (+0.66 dB) but its NeRF ends 1.67 dB below the nerf stage (module docstring, README "Results").
+    # 1 dB of the nerf stage's (no more than 1 dB lost; module docstring). Seeds 0 / 1 / 2 (README "Results"): STF
+    # +1.73 / +0.23 / +0.85 dB over distill, NeRF +0.66 / +1.14 / +0.78 dB over the nerf stage.
     assert stages["finetune"]["eval/stf_psnr"] > stages["distill"]["eval/stf_psnr"]
-    assert abs(stages["finetune"]["eval/nerf_psnr"] - stages["nerf"]["eval/nerf_psnr"]) <= 1.0
+    assert stages["finetune"]["eval/nerf_psnr"] >= stages["nerf"]["eval/nerf_psnr"] - 1.0
