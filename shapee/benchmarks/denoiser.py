@@ -78,7 +78,8 @@ def bench_denoiser(
     cuda_graph: bool = False,
     **model_overrides,
 ) -> dict:
-    """Parameters, forward seconds (median of ``repeats``) and peak memory of one ``LatentDenoiser`` forward.
+    """Parameters, forward seconds (median of ``repeats``), peak memory and FLOPs of one ``LatentDenoiser`` forward, and
+    the forward's FLOP rate against this machine's measured rate for its largest GEMM (:func:`gemm_rate`).
 
     ``precision``: ``"auto"`` (bf16 autocast on a CUDA device that supports it, else fp32), ``"fp32"`` or ``"bf16"``
     (autocast; slower than fp32 on CPUs without AMX). ``compile=True`` wraps the model in :func:`torch.compile`
@@ -133,6 +134,7 @@ def bench_denoiser(
             forward()
         forward = graph.replay
     times, cpu = zip(*[_seconds(forward, dev) for _ in range(repeats)])
+    median = statistics.median(times)
     if dev.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(dev) / 1024**3, "cuda max_memory_allocated"
     else:
@@ -142,18 +144,18 @@ def bench_denoiser(
                      "cuda_graph": cuda_graph,
                      "repeats": repeats, "warmup": warmup, "model": {k: v for k, v in kwargs.items()}},
         "params": n_params,
-        "seconds_median": statistics.median(times),
+        "seconds_median": median,
         "seconds": list(times),
         "cpu_seconds_median": statistics.median(cpu),  # all threads; ≈ threads × wall on an idle machine
         "first_call_seconds": first if first is not None else times[0],
         "peak_memory_gb": peak,
         "memory_kind": kind,
         "flops": flops,
-        "achieved_tflops": flops / statistics.median(times) / 1e12,
+        "achieved_tflops": flops / median / 1e12,
         "gemm_reference": gemm,
         # the forward's FLOPs at the measured rate of its own largest GEMM: what it takes if all of it ran that fast
         "gemm_floor_seconds": flops / (gemm["tflops"] * 1e12),
-        "fraction_of_gemm_rate": flops / statistics.median(times) / (gemm["tflops"] * 1e12),
+        "fraction_of_gemm_rate": flops / median / (gemm["tflops"] * 1e12),
         "machine": {"device": str(dev),
                     "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
