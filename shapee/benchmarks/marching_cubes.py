@@ -68,18 +68,23 @@ def benchmark_marching_cubes(
         torch.set_num_threads(previous_threads)
 
 
+def _synced(grids: Tensor):
+    """A call of :func:`marching_cubes` on ``grids`` that returns only once a GPU has finished (for timing)."""
+    def run():
+        out = marching_cubes(grids)
+        if grids.is_cuda:
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
 def _benchmark(grid_size: int, repeats: int, device: str, batch: int = 1) -> dict[str, float]:
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     field = benchmark_field(grid_size).to(device)
     marching_cubes(field[:4, :4, :4])  # generate and move the tables outside the timed region
 
-    def ours() -> tuple[Tensor, Tensor]:
-        out = marching_cubes(field)
-        if field.is_cuda:
-            torch.cuda.synchronize()
-        return out
-
+    ours = _synced(field)
     ours_s = _best_time(ours, repeats)
     _, faces = ours()
     result = {
@@ -89,14 +94,7 @@ def _benchmark(grid_size: int, repeats: int, device: str, batch: int = 1) -> dic
         "ours_faces": float(faces.shape[0]),
     }
     if batch > 1:
-        fields = field[None].repeat(batch, 1, 1, 1)  # [batch, N, N, N]
-
-        def ours_batched() -> list:
-            out = marching_cubes(fields)
-            if fields.is_cuda:
-                torch.cuda.synchronize()
-            return out
-
+        ours_batched = _synced(field[None].repeat(batch, 1, 1, 1))  # [batch, N, N, N]
         ours_batched()  # warm-up at this size
         batch_s = _best_time(ours_batched, repeats)
         result.update(batch=float(batch), ours_batch_s=batch_s, ours_per_field_s=batch_s / batch)
