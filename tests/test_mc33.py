@@ -378,6 +378,24 @@ def test_empty_meshes_and_half_precision():
     assert verts.dtype == torch.float32 and faces.shape[0] == meshes[1][1].shape[0]
 
 
+def test_one_vertex_per_sign_change_no_orphans_and_a_batch_equals_its_grids():
+    fields = torch.cat([_noise_fields(3, 9, seed=11), -torch.ones(1, 9, 9, 9, dtype=torch.float64),
+                        _smooth_fields(2, 9, seed=12)])
+    n_interior = 0
+    for field, (verts, faces) in zip(fields, marching_cubes(fields)):
+        one_v, one_f = marching_cubes(field)
+        assert torch.equal(verts, one_v) and torch.equal(faces, one_f)  # batching changes nothing
+        assert torch.equal(faces.unique(), torch.arange(verts.shape[0]))  # every vertex is used, ids are dense
+        inside = field > 0
+        n_cross = sum(int((inside.narrow(a, 0, 8) != inside.narrow(a, 1, 8)).sum()) for a in range(3))
+        idx = (verts + 1) * 4  # index units of the 9-sample grid on [-1, 1]
+        on_line = ((idx - idx.round()).abs() < 1e-9).sum(-1) >= 2  # [V] on a grid edge (no exact zeros here)
+        assert int(on_line.sum()) == n_cross  # one vertex per sign-changing grid edge, shared by its cubes
+        assert torch.unique(verts[on_line], dim=0).shape[0] == n_cross
+        n_interior += int((~on_line).sum())
+    assert n_interior > 0  # the noise fields exercise the interior vertices too
+
+
 @pytest.mark.parametrize(
     "field, bounds, match",
     [

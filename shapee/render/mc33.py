@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,6 +45,17 @@ def _device_tables(device: torch.device) -> dict[str, Tensor]:
     t = generate_tables()
     edge_axis = [next(a for a in range(3) if (b ^ a0) == (1 << a)) for a0, b in EDGES]
     edge_base = [_CORNER_OFFSETS[a0] for a0, _ in EDGES]
+    # Face test signs per config: +1 (−1) where the face is ambiguous and its first corner is inside (outside), so
+    # that "positive diagonal joined" is ``sign · (product 0–2 − product 1–3) > 0``; 0 on unambiguous faces.
+    face_sign = [
+        [(1 if (c >> FACE_CORNERS[f][0]) & 1 else -1) if (t.ambiguous_faces[c] >> f) & 1 else 0 for f in range(6)]
+        for c in range(256)
+    ]
+    # Crossed edges of every case: the edges its triangles use (a crossing is always on the surface).
+    crossed = np.zeros((len(t.triangles), 12), dtype=bool)
+    for c, (tris, n) in enumerate(zip(t.triangles, t.n_triangles)):
+        used = tris[:n].reshape(-1)
+        crossed[c, used[used < 12]] = True
     return {
         "case_of_key": torch.as_tensor(t.case_of_key, dtype=torch.int64, device=device),  # [2**18]
         "triangles": torch.as_tensor(t.triangles, device=device),  # [n_cases, T, 3]
@@ -51,18 +63,18 @@ def _device_tables(device: torch.device) -> dict[str, Tensor]:
         "needs_interior": torch.as_tensor(t.needs_interior, device=device),  # [256]
         "centers": torch.as_tensor(t.centers, device=device),  # [n_cases, MAX_CENTERS, 12]
         "n_centers": torch.as_tensor(t.n_centers, device=device),  # [n_cases]
-        "face_corners": torch.as_tensor(FACE_CORNERS, device=device),  # [6, 4]
+        "crossed": torch.as_tensor(crossed, device=device),  # [n_cases, 12]
+        "center_used": torch.as_tensor(t.n_centers[:, None] > np.arange(MAX_CENTERS), device=device),  # [n_cases, 4]
+        "triangle_used": torch.as_tensor(t.n_triangles[:, None] > np.arange(t.triangles.shape[1]), device=device),
+        "case_counts": torch.as_tensor(np.stack([t.n_centers, t.n_triangles], 1), device=device),  # [n_cases, 2]
+        "face_diagonals": torch.as_tensor(FACE_CORNERS[:, [0, 2, 1, 3]].reshape(6, 2, 2), device=device),  # [6, 2, 2]
+        "face_sign": torch.tensor(face_sign, dtype=torch.float32, device=device),  # [256, 6]
         "zedge_bottom": torch.as_tensor(ZEDGE_BOTTOM, device=device),  # [4]
         "zedge_top": torch.as_tensor(ZEDGE_TOP, device=device),  # [4]
         "edge_axis": torch.tensor(edge_axis, dtype=torch.int64, device=device),  # [12]
         "edge_base": torch.tensor(edge_base, dtype=torch.int64, device=device),  # [12, 3]
-        "edge_cross": torch.tensor(
-            [[((c >> a0) & 1) != ((c >> b) & 1) for a0, b in EDGES] for c in range(256)], device=device
-        ),  # [256, 12]
         "bit_weights": torch.tensor([1 << k for k in range(8)], dtype=torch.int64, device=device),  # [8]
-        "face_shift": torch.arange(6, device=device),  # [6]
-        "center_slots": torch.arange(MAX_CENTERS, device=device),  # [MAX_CENTERS]
-        "triangle_slots": torch.arange(t.triangles.shape[1], device=device),  # [T]
+        "face_weights": torch.tensor([1 << (8 + f) for f in range(6)], dtype=torch.int64, device=device),  # [6]
     }
 
 
@@ -76,10 +88,15 @@ def _grid_constants(
     tab = _device_tables(device)
     strides = torch.tensor([ny * nz, nz, 1], device=device)  # linear index within one grid
     return {
-        "strides": strides,
+        "strides4": torch.tensor([nx * ny * nz, ny * nz, nz, 1], device=device),  # (b, i, j, k) → linear index
         "corner_lin": torch.tensor([dx * ny * nz + dy * nz + dz for dx, dy, dz in _CORNER_OFFSETS], device=device),
-        "edge_base_lin": (tab["edge_base"] * strides).sum(-1),  # [12] base sample of each cube edge, from corner 0
-        "axis_step": torch.eye(3, dtype=dtype, device=device),  # [3, 3] unit step along each axis
+        # [12] name of each cube edge (3 · linear index of its base sample + axis), from corner 0's
+        "edge_name": (tab["edge_base"] * strides).sum(-1) * 3 + tab["edge_axis"],
+        "edge_step_lin": strides[tab["edge_axis"]],  # [12] from an edge's base sample to its other end
+        # [12, 6] an edge's base sample from corner 0 and its unit direction (index units)
+        "edge_pos": torch.cat(
+            [tab["edge_base"].to(dtype), torch.eye(3, dtype=dtype, device=device)[tab["edge_axis"]]], dim=1
+        ),
         "spacing": torch.tensor([(hi - lo) / (n - 1) for n in shape], dtype=dtype, device=device),  # [3]
     }
 
@@ -112,20 +129,16 @@ def cube_keys(values: Tensor) -> Tensor:
         ``[A]`` int64 keys ``config | face_bits << 8 | interior_bits << 14`` (see :mod:`shapee.render.mc33_tables`).
     """
     tab = _device_tables(values.device)
-    inside = values > 0  # [A, 8]
-    config = (inside.long() * tab["bit_weights"]).sum(-1)  # [A]
+    config = ((values > 0) * tab["bit_weights"]).sum(-1)  # [A]
 
-    # Face tests (asymptotic decider): the positive diagonal is joined iff its product beats the negative one's.
+    # Face tests (asymptotic decider): the positive diagonal is joined iff its product beats the negative one's, i.e.
+    # iff sign · (product 0–2 − product 1–3) > 0 with the config's sign for the face (0 where it is not ambiguous).
     # Both cubes sharing a face compute the same two products of the same four numbers, so they agree exactly.
-    fv = values[:, tab["face_corners"]]  # [A, 6, 4]
-    fin = inside[:, tab["face_corners"]]  # [A, 6, 4]
-    ambiguous = (fin[..., 0] == fin[..., 2]) & (fin[..., 1] == fin[..., 3]) & (fin[..., 0] != fin[..., 1])
-    prod02 = fv[..., 0] * fv[..., 2]
-    prod13 = fv[..., 1] * fv[..., 3]
-    pos_joined = torch.where(fin[..., 0], prod02 > prod13, prod13 > prod02) & ambiguous  # [A, 6]
-    face_bits = (pos_joined.long() << tab["face_shift"]).sum(-1)  # [A]
+    products = values[:, tab["face_diagonals"]].prod(-1)  # [A, 6, 2] each face's two diagonal products
+    decider = products[..., 0] - products[..., 1]  # [A, 6]
+    pos_joined = decider * tab["face_sign"][config] > 0  # [A, 6]
+    key = config + (pos_joined * tab["face_weights"]).sum(-1)  # face bits 8–13
 
-    key = config | (face_bits << 8)
     # Interior test, only for the configs whose triangulation can depend on it. Gathering them costs one sync but
     # skips the test's ~90 kernel launches in the usual case where no cube needs it (measured on an H100).
     needs = tab["needs_interior"][config].nonzero()[:, 0]  # [A']
@@ -195,7 +208,8 @@ def marching_cubes(
     Returns:
         For one grid ``(verts [V, 3], faces [F, 3] int64)``; for a batch a list of those. Faces are counter-clockwise
         seen from outside (normals toward decreasing field). ``verts`` is differentiable w.r.t. ``field``. The mesh is
-        closed when the field is ≤ 0 on the grid boundary.
+        closed when the field is ≤ 0 on the grid boundary. Vertices are ordered by cube (x-major), the crossings of
+        a cube's edges first, then all interior vertices of the grid.
     """
     _check_inputs(field, bounds)
     single = field.dim() == 3
@@ -205,93 +219,98 @@ def marching_cubes(
     device = grids.device
     tab = _device_tables(device)
     b_count, nx, ny, nz = grids.shape
-    shape = (nx, ny, nz)
-    n_grid = nx * ny * nz
     lo, hi = float(bounds[0]), float(bounds[1])
-    consts = _grid_constants(device, shape, grids.dtype, (lo, hi))
-    strides = consts["strides"]
-    # On CUDA every data-dependent size is a host sync that stalls the launch queue: the checks below are flags read
-    # in one go at the end, with the per-grid counts.
-    nonfinite = ~torch.isfinite(grids).all()  # [] bool
-    inside = (grids > 0).to(torch.uint8)  # [B, X, Y, Z]
+    consts = _grid_constants(device, (nx, ny, nz), grids.dtype, (lo, hi))
+    # On a GPU the time of one grid is set by the number of tensor ops (each a kernel launch) and of host syncs (each
+    # data-dependent size is one), not by the arithmetic: this function makes 4 syncs (marked "sync": three nonzero
+    # and one read of all the sizes and flags, after step 4) and no sort.
+    finite = torch.isfinite(grids).all()  # [] bool
+    inside = (grids > 0).view(torch.uint8)  # [B, X, Y, Z] 0/1 (a view, no copy)
 
     # 1. Cube configs (corner k = x + 2y + 4z sets bit k), vectorised over all cubes by combining the two corners
     #    along x, then the pairs along y, then the quads along z; keep the cubes with a sign change.
     code = inside[:, :-1] | (inside[:, 1:] << 1)  # [B, X-1, Y, Z]
     code = code[:, :, :-1] | (code[:, :, 1:] << 2)  # [B, X-1, Y-1, Z]
     code = code[..., :-1] | (code[..., 1:] << 4)  # [B, X-1, Y-1, Z-1]
-    active = ((code != 0) & (code != 255)).nonzero()  # [A, 4] (b, i, j, k), b-major
-    cube_b, cube_ijk = active[:, 0], active[:, 1:]  # [A], [A, 3]
+    active = ((code - 1) < 254).nonzero()  # [A, 4] (b, i, j, k), b-major: codes 1–254 (uint8 wraps 0 to 255)  (sync)
     n_cubes = active.shape[0]
+    cube_b = active[:, 0]  # [A]
+    cube_lin = (active * consts["strides4"]).sum(-1)  # [A] linear index of corner 0 (batch included)
 
     # 2. Table lookup for the active cubes.
     flat = grids.reshape(-1)
-    cube_lin = cube_b * n_grid + (cube_ijk * strides).sum(-1)  # [A] linear index of corner 0
     values = flat[cube_lin[:, None] + consts["corner_lin"]].detach()  # [A, 8]
-    key = cube_keys(values)  # [A]
+    key = cube_keys(values)  # [A]   (sync: which cubes need the interior test)
     case = tab["case_of_key"][key]  # [A]
-    uncovered = (case < 0).any()  # [] bool: a key the tables do not cover (never, if the generator is right)
 
     # 3. One vertex per grid edge with a sign change, shared by the (up to 4) active cubes around it. A grid edge is
-    #    named by (b, axis, linear index of its base sample); sorting the names groups the vertices by grid.
-    edge_cross = tab["edge_cross"][key & 255].reshape(-1)  # [A·12] does the cube's edge e change sign
-    edge_name = (cube_lin[:, None] + consts["edge_base_lin"]) * 3 + tab["edge_axis"]  # [A, 12]
-    crossing = edge_cross.nonzero()[:, 0]  # [n_crossings] flat (cube, edge) slots
-    names, inverse = torch.unique(edge_name.reshape(-1)[crossing], return_inverse=True)  # [E], [n_crossings]
-    cube_edge_vid = torch.full((n_cubes * 12,), -1, dtype=torch.int64, device=device)
-    cube_edge_vid[crossing] = inverse
-    cube_edge_vid = cube_edge_vid.view(n_cubes, 12)  # global edge-vertex ids (−1: no crossing, never referenced)
-    edge_axis = names % 3  # [E]
-    lin1 = names // 3  # [E] linear index of the base sample (batch included)
-    s1 = flat[lin1]  # [E] differentiable gathers
-    s2 = flat[lin1 + strides[edge_axis]]
-    t = s1 / (s1 - s2)  # [E] one of s1, s2 is > 0 and the other ≤ 0, so s1 ≠ s2
-    edge_b = lin1 // n_grid  # [E]
-    rem = lin1 % n_grid
-    p1 = torch.stack([rem // (ny * nz), (rem // nz) % ny, rem % nz], dim=-1)  # [E, 3] base sample of the edge
-    step = consts["axis_step"][edge_axis]  # [E, 3] (one_hot would sync to check its input on CUDA)
-    idx_pos = p1.to(grids.dtype) + t[:, None] * step  # [E, 3] in index units
-    edge_verts = lo + idx_pos * consts["spacing"]  # [E, 3]
+    #    named by (linear index of its base sample, axis); each cube edge that crosses looks up the smallest (cube,
+    #    edge) slot holding the same name, the edge's owner, by a scatter-min into a table of all grid edges (no sort;
+    #    the minimum does not depend on the order of the scatter, so CPU and CUDA agree). Cube edges without a
+    #    crossing take part too: a grid edge crosses for all its cubes or for none.
+    n_slots = n_cubes * 12
+    name = cube_lin[:, None] * 3 + consts["edge_name"]  # [A, 12]
+    slot = torch.arange(n_slots, device=device, dtype=torch.int32).view(n_cubes, 12)
+    owner_of_name = torch.full((grids.numel() * 3,), n_slots, dtype=torch.int32, device=device)
+    owner_of_name.scatter_reduce_(0, name.view(-1), slot.view(-1), reduce="amin")
+    owner = owner_of_name[name]  # [A, 12]
+    owns = (owner == slot) & tab["crossed"][case]  # [A, 12]
 
-    # 4. Interior vertices: the mean of the crossings listed by the case (long loops, some tubes).
-    n_cent = tab["n_centers"][case]  # [A]
-    cent_cube, cent_slot = (n_cent[:, None] > tab["center_slots"]).nonzero(as_tuple=True)
-    cent_mask = tab["centers"][case[cent_cube], cent_slot]  # [C, 12] (cube-major order, so grouped by grid)
-    cent_pts = edge_verts[cube_edge_vid[cent_cube].clamp(min=0)]  # [C, 12, 3]
-    w = cent_mask.to(grids.dtype)[..., None]  # [C, 12, 1]
-    center_verts = (cent_pts * w).sum(1) / w.sum(1)  # [C, 3]
-
-    # 5. Per-grid vertex numbering: [edge vertices of grid b, interior vertices of grid b]. Counts by index_add
-    #    (bincount would sync for its size).
-    counts = torch.zeros(3, b_count, dtype=torch.int64, device=device)  # edge verts, centre verts, faces per grid
-    cb = cube_b[cent_cube]  # [C]
-    counts[0].index_add_(0, edge_b, torch.ones_like(edge_b))
-    counts[1].index_add_(0, cb, torch.ones_like(cb))
-    n_edge_b, n_cent_b = counts[0], counts[1]
-    edge_start = torch.cumsum(n_edge_b, 0) - n_edge_b  # [B]
-    cent_start = torch.cumsum(n_cent_b, 0) - n_cent_b  # [B]
-    local_vid = torch.full((n_cubes, 12 + MAX_CENTERS), -1, dtype=torch.int64, device=device)
-    local_vid[:, :12] = cube_edge_vid - edge_start[cube_b, None]
-    cent_global = torch.arange(cent_cube.numel(), device=device)
-    local_vid[cent_cube, 12 + cent_slot] = n_edge_b[cb] + cent_global - cent_start[cb]
-
-    # 6. Faces: look the triangles up (only the used slots) and re-index them into each grid's vertex list.
-    used = tab["triangle_slots"] < tab["n_triangles"][case][:, None]  # [A, T]
-    face_cube, face_slot = used.nonzero(as_tuple=True)  # [F] cube-major, slots in order
-    tri = tab["triangles"][case[face_cube], face_slot]  # [F, 3] local ids
-    faces = local_vid[face_cube[:, None], tri]  # [F, 3]
-    fb = cube_b[face_cube]  # [F]
-    counts[2].index_add_(0, fb, torch.ones_like(fb))
-
-    # One sync for the flags and all the sizes.
-    info = torch.cat([counts.reshape(-1), torch.stack([nonfinite, uncovered]).long()]).tolist()
-    if info[-2]:
-        raise ValueError("field contains NaN or infinite values")
-    if info[-1]:
+    # 4. Which interior vertices and triangles each cube has; every output row is one set entry of ``keep``
+    #    (edge vertices, then interior vertices, then triangles, each cube-major), vertices numbered by a running count.
+    n_tri_slots = tab["triangle_used"].shape[1]
+    n_vertex_slots = n_slots + n_cubes * MAX_CENTERS
+    keep = torch.cat([owns.view(-1), tab["center_used"][case].view(-1), tab["triangle_used"][case].view(-1)])
+    vid = torch.cumsum(keep[:n_vertex_slots], 0) - 1  # [A·(12 + MAX_CENTERS)] vertex number, where kept
+    counts = torch.zeros(b_count, 3, dtype=torch.int64, device=device)  # edge vertices, interior vertices, faces
+    counts.index_add_(0, cube_b, torch.cat([owns.sum(-1, keepdim=True), tab["case_counts"][case]], dim=1))
+    info = torch.cat([counts.view(-1), (finite & (case >= 0).all()).view(1)]).tolist()  # (sync)
+    # The last entry is 0 for a NaN/inf field or a key the tables do not cover (never, if the generator is right).
+    if not info[-1]:
+        if not torch.isfinite(grids).all():
+            raise ValueError("field contains NaN or infinite values")
         raise AssertionError("marching_cubes: a cube formed a key that the MC33 tables do not cover")
-    n_edge_l, n_cent_l, n_face_l = (info[i * b_count:(i + 1) * b_count] for i in range(3))
-    edge_split = edge_verts.split(n_edge_l)
-    cent_split = center_verts.split(n_cent_l)
-    face_split = faces.split(n_face_l)
-    meshes = [(torch.cat([e, c], dim=0), f) for e, c, f in zip(edge_split, cent_split, face_split)]
-    return meshes[0] if single else meshes
+    per_grid = [info[3 * b:3 * b + 3] for b in range(b_count)]  # [[edge verts, interior verts, faces]] per grid
+    n_edge, n_center = sum(c[0] for c in per_grid), sum(c[1] for c in per_grid)
+    kept = keep.nonzero()[:, 0]  # (sync)
+    edge_slot, center_slot, face_slot = kept.split([n_edge, n_center, kept.numel() - n_edge - n_center])
+
+    # 5. Edge vertices: the linear zero crossing p = p₁ + s₁/(s₁ − s₂)·(p₂ − p₁), differentiable w.r.t. the field.
+    cube, edge = edge_slot // 12, edge_slot % 12  # [E]
+    lin1 = name.view(-1)[edge_slot] // 3  # [E]
+    s1 = flat[lin1]  # [E] differentiable gathers
+    s2 = flat[lin1 + consts["edge_step_lin"][edge]]
+    t = s1 / (s1 - s2)  # [E] one of s1, s2 is > 0 and the other ≤ 0, so s1 ≠ s2
+    pos = consts["edge_pos"][edge]  # [E, 6]
+    p1 = active[cube, 1:].to(grids.dtype) + pos[:, :3]  # [E, 3] base sample (index units)
+    edge_verts = lo + (p1 + t[:, None] * pos[:, 3:]) * consts["spacing"]  # [E, 3]
+    # Vertex number of every (cube, edge) slot: its owner's (garbage, never referenced, where not crossed).
+    local_vid = vid[owner]  # [A, 12]
+
+    # 6. Interior vertices (only some ambiguous cases have them): the mean of the crossings the case lists.
+    center_verts = edge_verts[:0]
+    if n_center:
+        center_slot = center_slot - n_slots
+        cent_cube, cent_k = center_slot // MAX_CENTERS, center_slot % MAX_CENTERS  # [C]
+        weight = tab["centers"][case[cent_cube], cent_k].to(grids.dtype)[..., None]  # [C, 12, 1]
+        cent_pts = edge_verts[local_vid[cent_cube].clamp(0, n_edge - 1)]  # [C, 12, 3] (weight 0 where not crossed)
+        center_verts = (cent_pts * weight).sum(1) / weight.sum(1)  # [C, 3]
+        local_vid = torch.cat([local_vid, vid[n_slots:].view(n_cubes, MAX_CENTERS)], dim=1)  # [A, 12 + MAX_CENTERS]
+
+    # 7. Faces: the case's triangles, local ids 0–11 (edge vertices) and 12+ (interior vertices) → vertex numbers.
+    face_slot = face_slot - n_vertex_slots
+    face_cube, face_k = face_slot // n_tri_slots, face_slot % n_tri_slots  # [F]
+    tri = tab["triangles"][case[face_cube], face_k]  # [F, 3]
+    faces = local_vid[face_cube[:, None], tri]  # [F, 3] rows of cat(edge vertices, interior vertices)
+    if single:
+        return (torch.cat([edge_verts, center_verts]) if n_center else edge_verts), faces
+    # Per grid: rows of grid b are [its edge vertices, its interior vertices]; renumber from the global rows.
+    starts = torch.cumsum(counts, 0) - counts  # [B, 3] first global edge vertex / interior vertex / face of grid b
+    face_b = cube_b[face_cube]  # [F]
+    edge_shift = starts[:, 0][face_b, None]  # [F, 1] an edge vertex: row − first edge row of its grid
+    center_shift = (n_edge - counts[:, 0] + starts[:, 1])[face_b, None]  # [F, 1] interior: to after the grid's edges
+    faces = faces - torch.where(faces < n_edge, edge_shift, center_shift)
+    n_e, n_c, n_f = ([c[i] for c in per_grid] for i in range(3))
+    return [
+        (torch.cat([e, c]), f) for e, c, f in zip(edge_verts.split(n_e), center_verts.split(n_c), faces.split(n_f))
+    ]
