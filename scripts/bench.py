@@ -72,6 +72,8 @@ def cmd_marching_cubes(args: argparse.Namespace) -> None:
     print(f"marching cubes {int(r['grid_size'])}³ on {args.device} ({int(r['threads'])} torch threads), best of "
           f"{args.repeats}: ours (MC33) {r['ours_s']:.3f} s, {int(r['ours_faces'])} faces | scikit-image lewiner "
           f"{r['skimage_s']:.3f} s, {int(r['skimage_faces'])} faces | ratio {r['ratio']:.2f}×")
+    print(f"  one call of ours dispatches {int(r['ours_kernel_ops'])} computing tensor ops, {int(r['ours_view_ops'])} "
+          f"views, {int(r['ours_data_dependent_ops'])} with a data-dependent size (+ 1 read of the sizes)")
     if "ours_batch_s" in r:
         print(f"  batch of {int(r['batch'])} fields in one call: {r['ours_batch_s']:.4f} s, {r['ours_per_field_s']:.4f} s "
               f"per field ({r['skimage_s'] / r['ours_per_field_s']:.1f}× faster than scikit-image per field)")

@@ -49,6 +49,12 @@ def test_flop_count_includes_attention_on_the_cpu():
     assert common.count_flops(lambda: sdpa().sum().backward()) == (2 + 5) * products  # backward recomputes S
 
 
+def test_op_count_tells_kernels_views_and_data_dependent_sizes():
+    x = torch.randn(5)
+    counts = common.count_ops(lambda: (x.view(5, 1) * 2).nonzero())
+    assert counts == {"kernels": 2, "views": 1, "data_dependent": 1}  # mul and nonzero; view; nonzero
+
+
 def test_timed_runs_warmup_then_repeats_and_rejects_bad_counts():
     calls = []
     times = common.timed(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)

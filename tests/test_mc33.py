@@ -429,3 +429,5 @@ def test_benchmark_reports_both_timings():
     assert result["ours_s"] > 0 and result["skimage_s"] > 0
     assert result["batch"] == 3 and result["ours_per_field_s"] == result["ours_batch_s"] / 3 > 0
     assert result["ours_faces"] == result["skimage_faces"]  # the smooth benchmark field has no ambiguous cube
+    # The host-side work of one call: no sort, three nonzero (active cubes, interior test, output rows).
+    assert 0 < result["ours_kernel_ops"] < 100 and result["ours_data_dependent_ops"] == 3

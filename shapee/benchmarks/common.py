@@ -136,3 +136,35 @@ def count_flops(fn: Callable[[], object]) -> int:
     with counter:
         fn()
     return int(counter.get_total_flops())
+
+
+# Ops whose output size depends on the data: on a GPU each waits for the queued kernels (a host sync).
+_DATA_DEPENDENT_OPS = ("nonzero", "unique", "masked_select", "_local_scalar_dense", "repeat_interleave")
+
+
+def count_ops(fn: Callable[[], object]) -> dict[str, int]:
+    """Tensor ops one call of ``fn`` dispatches (below autograd, after decompositions), by a ``TorchDispatchMode``.
+
+    For small GPU work these, not the arithmetic, set the time: ``kernels`` counts the ops that compute (each one or
+    more kernel launches on a GPU), ``views`` the ones that only reshape, ``data_dependent`` those whose output size
+    depends on the values (each a host sync on a GPU; reads such as ``.tolist()`` are not dispatched, so not counted).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernels = self.views = self.data_dependent = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            returns = func._schema.returns
+            if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+                self.views += 1
+            else:
+                self.kernels += 1
+            self.data_dependent += any(name in func.__name__ for name in _DATA_DEPENDENT_OPS)
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as counter:
+        fn()
+    return {"kernels": counter.kernels, "views": counter.views, "data_dependent": counter.data_dependent}

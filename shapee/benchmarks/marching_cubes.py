@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shapee.benchmarks.common import count_ops
 from shapee.render.mc33 import marching_cubes
 
 
@@ -57,7 +58,9 @@ def benchmark_marching_cubes(
 
     Returns:
         ``ours_s``, ``skimage_s``, ``ratio`` (ours / skimage), ``ours_faces``, ``skimage_faces``, ``grid_size``,
-        ``threads`` (and the batch keys above). ``skimage_s`` is NaN when scikit-image is not installed.
+        ``threads``, the tensor ops of one call of ours (``ours_kernel_ops``, ``ours_view_ops``,
+        ``ours_data_dependent_ops``: see :func:`shapee.benchmarks.common.count_ops`; on a GPU they, not the arithmetic,
+        set the time of one field) and the batch keys above. ``skimage_s`` is NaN when scikit-image is not installed.
     """
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
@@ -87,11 +90,15 @@ def _benchmark(grid_size: int, repeats: int, device: str, batch: int = 1) -> dic
     ours = _synced(field)
     ours_s = _best_time(ours, repeats)
     _, faces = ours()
+    ops = count_ops(ours)
     result = {
         "grid_size": float(grid_size),
         "threads": float(torch.get_num_threads()),
         "ours_s": ours_s,
         "ours_faces": float(faces.shape[0]),
+        "ours_kernel_ops": float(ops["kernels"]),
+        "ours_view_ops": float(ops["views"]),
+        "ours_data_dependent_ops": float(ops["data_dependent"]),
     }
     if batch > 1:
         ours_batched = _synced(field[None].repeat(batch, 1, 1, 1))  # [batch, N, N, N]
