@@ -76,6 +76,7 @@ def _device_tables(device: torch.device) -> dict[str, Tensor]:
         ),  # [4]
         "edge_axis": torch.tensor(edge_axis, dtype=torch.int64, device=device),  # [12]
         "edge_base": torch.tensor(edge_base, dtype=torch.int64, device=device),  # [12, 3]
+        "false": torch.zeros(1, dtype=torch.bool, device=device),  # [1]
         "bit_weights": torch.tensor([1 << k for k in range(8)], dtype=torch.int64, device=device),  # [8]
         "face_weights": torch.tensor([1 << (8 + f) for f in range(6)], dtype=torch.int64, device=device),  # [6]
     }
@@ -95,7 +96,8 @@ def _grid_constants(
         "corner_lin": torch.tensor([dx * ny * nz + dy * nz + dz for dx, dy, dz in _CORNER_OFFSETS], device=device),
         # [12] name of each cube edge (3 · linear index of its base sample + axis), from corner 0's
         "edge_name": (tab["edge_base"] * strides).sum(-1) * 3 + tab["edge_axis"],
-        "edge_step_lin": strides[tab["edge_axis"]],  # [12] from an edge's base sample to its other end
+        # [12, 2] from an edge's base sample to its two ends
+        "edge_ends": torch.stack([torch.zeros_like(tab["edge_axis"]), strides[tab["edge_axis"]]], dim=1),
         # [12, 6] an edge's base sample from corner 0 and its unit direction (index units)
         "edge_pos": torch.cat(
             [tab["edge_base"].to(dtype), torch.eye(3, dtype=dtype, device=device)[tab["edge_axis"]]], dim=1
@@ -252,8 +254,11 @@ def marching_cubes(
     #    (edge vertices, then interior vertices, then triangles, each cube-major), vertices numbered by a running count.
     n_tri_slots = tab["triangle_used"].shape[1]
     n_vertex_slots = n_slots + n_cubes * MAX_CENTERS
-    keep = torch.cat([owns.view(-1), tab["center_used"][case].view(-1), tab["triangle_used"][case].view(-1)])
-    vid = torch.cumsum(keep[:n_vertex_slots], 0) - 1  # [A·(12 + MAX_CENTERS)] vertex number, where kept
+    #    A False in front makes the running count exclusive: vid[i] = number of kept entries before entry i.
+    keep = torch.cat(
+        [tab["false"], owns.view(-1), tab["center_used"][case].view(-1), tab["triangle_used"][case].view(-1)]
+    )  # [1 + A·(12 + MAX_CENTERS + T)]
+    vid = torch.cumsum(keep[:n_vertex_slots], 0)  # [A·(12 + MAX_CENTERS)] vertex number, where kept
     counts = torch.zeros(b_count, 3, dtype=torch.int64, device=device)  # edge vertices, interior vertices, faces
     counts.index_add_(0, cube_b, torch.cat([owns.sum(-1, keepdim=True), tab["case_counts"][case]], dim=1))
     info = torch.cat([counts.view(-1), (finite & (case >= 0).all()).view(1)]).tolist()  # (sync)
@@ -264,14 +269,14 @@ def marching_cubes(
         raise AssertionError("marching_cubes: a cube formed a key that the MC33 tables do not cover")
     per_grid = [info[3 * b:3 * b + 3] for b in range(b_count)]  # [[edge verts, interior verts, faces]] per grid
     n_edge, n_center = sum(c[0] for c in per_grid), sum(c[1] for c in per_grid)
-    kept = keep.nonzero()[:, 0]  # (sync)
+    kept = keep[1:].nonzero()[:, 0]  # (sync)
     edge_slot, center_slot, face_slot = kept.split([n_edge, n_center, kept.numel() - n_edge - n_center])
 
     # 5. Edge vertices: the linear zero crossing p = p₁ + s₁/(s₁ − s₂)·(p₂ − p₁), differentiable w.r.t. the field.
     cube, edge = edge_slot // 12, edge_slot % 12  # [E]
     lin1 = name.view(-1)[edge_slot] // 3  # [E]
-    s1 = flat[lin1]  # [E] differentiable gathers
-    s2 = flat[lin1 + consts["edge_step_lin"][edge]]
+    ends = flat[lin1[:, None] + consts["edge_ends"][edge]]  # [E, 2] differentiable gather
+    s1, s2 = ends[:, 0], ends[:, 1]
     t = s1 / (s1 - s2)  # [E] one of s1, s2 is > 0 and the other ≤ 0, so s1 ≠ s2
     pos = consts["edge_pos"][edge]  # [E, 6]
     p1 = active[cube, 1:].to(grids.dtype) + pos[:, :3]  # [E, 3] base sample (index units)
