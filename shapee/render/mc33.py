@@ -243,8 +243,9 @@ def marching_cubes(
     #    crossing take part too: a grid edge crosses for all its cubes or for none.
     n_slots = n_cubes * 12
     name = cube_lin[:, None] * 3 + consts["edge_name"]  # [A, 12]
-    slot = torch.arange(n_slots, device=device, dtype=torch.int32).view(n_cubes, 12)
-    owner_of_name = torch.empty(grids.numel() * 3, dtype=torch.int32, device=device)  # set only where named:
+    slot_dtype = torch.int32 if n_slots < 2**31 else torch.int64
+    slot = torch.arange(n_slots, device=device, dtype=slot_dtype).view(n_cubes, 12)
+    owner_of_name = torch.empty(grids.numel() * 3, dtype=slot_dtype, device=device)  # set only where named:
     owner_of_name[name] = n_slots  # a full fill of 3·B·X·Y·Z entries costs page faults on the CPU
     owner_of_name.scatter_reduce_(0, name.view(-1), slot.view(-1), reduce="amin")
     owner = owner_of_name[name]  # [A, 12]
