@@ -121,10 +121,17 @@ class Cameras:
 
     # ------------------------------------------------------------------------------------------------- rays
     def _pixel_coefficients(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-        """Corner-aligned image-plane coordinates of pixels, scaled by tan(fov/2)."""
+        """Corner-aligned image-plane coordinates of pixels, scaled by tan(fov/2).
+
+        The released code's order of operations in the cameras' dtype (float32): (index / (size − 1)) · 2 − 1, times
+        tan(fov / 2) evaluated in that dtype. A differently ordered formula rounds differently (≤ 7e-7 in the hit
+        points), and the encoder's NeRF encoding multiplies positions by up to 2¹⁴, so the view tokens would drift
+        from the official ones by ~3e-4 (``tests/test_official_parity.py``)."""
         dtype = self.origin.dtype
-        fx = (2.0 * cols.to(dtype) / (self.width - 1) - 1.0) * math.tan(self.x_fov / 2)
-        fy = (2.0 * rows.to(dtype) / (self.height - 1) - 1.0) * math.tan(self.y_fov / 2)
+        tan_x = torch.tan(torch.tensor(self.x_fov, dtype=dtype, device=self.device) / 2)
+        tan_y = torch.tan(torch.tensor(self.y_fov, dtype=dtype, device=self.device) / 2)
+        fx = ((cols.to(dtype) / (self.width - 1)) * 2 - 1) * tan_x
+        fy = ((rows.to(dtype) / (self.height - 1)) * 2 - 1) * tan_y
         return fx, fy
 
     def pixel_directions(self) -> Tensor:

@@ -1,7 +1,7 @@
 """The latent diffusion process (schedules, q_sample, losses), samplers and classifier-free guidance."""
 
 from shapee.diffusion.gaussian import GaussianDiffusion, make_betas
-from shapee.diffusion.guidance import guided_denoiser
+from shapee.diffusion.guidance import clipped, guided_denoiser
 from shapee.diffusion.samplers import (
     SAMPLERS,
     karras_sigmas,
@@ -14,6 +14,7 @@ from shapee.diffusion.samplers import (
 __all__ = [
     "GaussianDiffusion",
     "make_betas",
+    "clipped",
     "guided_denoiser",
     "SAMPLERS",
     "karras_sigmas",

@@ -2,8 +2,10 @@
 
 Every sampler works on a :class:`~shapee.diffusion.gaussian.GaussianDiffusion` and a denoise function
 ``denoise(x_t, t) -> (x0_pred, var_values | None)`` in the DDPM (variance-preserving) parametrisation; classifier-free
-guidance is applied by wrapping that function (``shapee.diffusion.guidance``). x₀ predictions are clipped to
-[−1, 1] per call when ``clip_denoised`` (latents are tanh-bounded).
+guidance is applied by wrapping that function (``shapee.diffusion.guidance``). The samplers never clip: where x₀ is
+clipped to [−1, 1] (latents are tanh-bounded) is the denoise function's business, decided in one place,
+:func:`~shapee.diffusion.guidance.guided_denoiser` (each branch before guidance, never the guided result, as the
+released sampler does) or :func:`~shapee.diffusion.guidance.clipped` for a plain denoiser.
 """
 
 from __future__ import annotations
@@ -21,14 +23,6 @@ def _randn(shape, generator: torch.Generator | None, device, dtype) -> Tensor:
     # Draw on the generator's device, then move: the same seed gives the same latent on CPU and CUDA.
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
-def _clipped(denoise: DenoiseFn, clip: bool) -> DenoiseFn:
-    def fn(x_t: Tensor, t: Tensor):
-        x0, var = denoise(x_t, t)
-        return (x0.clamp(-1, 1) if clip else x0), var
-
-    return fn
 
 
 # ------------------------------------------------------------------------------------------------------ Karras
@@ -80,14 +74,13 @@ def sample_karras(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    clip_denoised: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> Tensor:
     """Heun's 2nd-order sampler of Karras et al. 2022 (Alg. 2), Euler on the last step: 2·steps − 1 denoiser calls."""
-    D = karras_denoiser(diffusion, _clipped(denoise, clip_denoised))
+    D = karras_denoiser(diffusion, denoise)
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     x = _randn(shape, generator, device, dtype) * sigmas[0].item()
     indices = range(steps)
@@ -122,14 +115,12 @@ def sample_ddim(
     *,
     steps: int = 64,
     eta: float = 0.0,
-    clip_denoised: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """DDIM (Song et al. 2021) over ``steps`` evenly spaced timesteps; ``eta=0`` is deterministic given x_T."""
     process = diffusion.respaced(steps)
-    denoise = _clipped(denoise, clip_denoised)
     x = _randn(shape, generator, device, dtype)
     for i in reversed(range(process.num_steps)):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
@@ -151,14 +142,12 @@ def sample_ancestral(
     shape: tuple[int, ...],
     *,
     steps: int | None = None,
-    clip_denoised: bool = True,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Ancestral DDPM sampling x_{t−1} ~ p(x_{t−1} | x_t) with the model's (learned or fixed) variance."""
     process = diffusion if steps is None else diffusion.respaced(steps)
-    denoise = _clipped(denoise, clip_denoised)
     x = _randn(shape, generator, device, dtype)
     for i in reversed(range(process.num_steps)):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)

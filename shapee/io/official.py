@@ -289,11 +289,20 @@ def save_official_transmitter(modules: TransmitterModules, path: str | os.PathLi
 OFFICIAL_LOADERS: dict[str, Callable[..., nn.Module]] = {"transmitter": transmitter_modules_from_state_dict}
 
 
-def load_official(name: str, path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], **kwargs) -> nn.Module:
-    """Load a released checkpoint (a path to a ``.pt``/``.safetensors`` file, or a state dict) by model name.
+def load_official(
+    name: str,
+    path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
+    *,
+    config: str | os.PathLike | Mapping | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Load an official-layout checkpoint (a path to a ``.pt``/``.safetensors`` file, or a state dict) by model name.
 
-    ``load_official("transmitter", "transmitter.pt")`` → :class:`shapee.models.Transmitter`. ``kwargs`` go to the loader
-    (``device``, ``dtype``, size overrides).
+    ``load_official("transmitter", "transmitter.pt")`` → :class:`shapee.models.Transmitter`. Any size loads with one
+    call: the sizes the weights determine are read from the tensors' shapes (:mod:`shapee.io.official_sizes`); what
+    they cannot show (head counts, the encoder's inner batch and image size, ...) comes from ``config``, the official
+    config YAML (path or dict), when given, else from the released values. ``kwargs`` go to the loader (``device``,
+    ``dtype``) and override sizes (``encoder_kwargs``/``mlp_kwargs`` for the transmitter, ``denoiser`` for the priors).
 
     Raises:
         ValueError: unknown ``name``. FileNotFoundError: no such file. :class:`OfficialCheckpointError`: naming the
@@ -306,4 +315,26 @@ def load_official(name: str, path_or_state_dict: str | os.PathLike | Mapping[str
         state_dict = path_or_state_dict
     else:
         state_dict = read_state_dict_file(path_or_state_dict, what=f"official {name} checkpoint")
-    return OFFICIAL_LOADERS[name](state_dict, **kwargs)
+    return OFFICIAL_LOADERS[name](state_dict, **_sized_kwargs(name, state_dict, config, kwargs))
+
+
+def _sized_kwargs(name: str, state_dict: Mapping[str, Tensor], config, kwargs: Mapping) -> dict:
+    """The loader's kwargs with the model sizes filled in: shapes < ``config`` < explicit ``kwargs``.
+
+    A state dict whose size-bearing keys are missing gets no inferred sizes, so that the strict loader reports every
+    missing and unexpected key at once."""
+    from shapee.io import official_sizes as sizes
+
+    if name == "transmitter":
+        try:
+            inferred = sizes.transmitter_sizes(state_dict)
+        except OfficialCheckpointError:
+            inferred = {}
+        from_config = sizes.transmitter_config_kwargs(config) if config is not None else {}
+        return sizes.merge_sizes(inferred, from_config, kwargs)
+    try:
+        inferred = {"denoiser": sizes.prior_sizes(state_dict)}
+    except OfficialCheckpointError:
+        inferred = {}
+    from_config = {"denoiser": sizes.prior_config_kwargs(config)} if config is not None else {}
+    return sizes.merge_sizes(inferred, from_config, kwargs)

@@ -307,8 +307,8 @@ class LatentDiffusion(nn.Module):
         Classifier-free guidance with ``guidance_scale`` (default: the model's; 1 = conditional only) in x₀ space,
         the unconditional branch batched with the conditional one (:func:`shapee.diffusion.guided_denoiser`).
         ``sampler``: ``karras`` (Heun, σ 160 → 1e-3, the notebooks' default; ``s_churn``), ``ddim`` or
-        ``ancestral``; ``steps`` sampler steps; ``sampler_kwargs`` go to the sampler (e.g. ``sigma_min``,
-        ``clip_denoised``). Seeded ``generator`` → the same latents (on its device). The denoiser runs under bf16
+        ``ancestral``; ``steps`` sampler steps; ``sampler_kwargs`` go to the sampler (e.g. ``sigma_min``) or, for
+        ``clip_denoised``, to :meth:`sample_from_cond`. Seeded ``generator`` → the same latents (on its device). The denoiser runs under bf16
         autocast on capable GPUs; the process math in fp32.
 
         Raises:
@@ -344,10 +344,16 @@ class LatentDiffusion(nn.Module):
         s_churn: float = 0.0,
         progress: bool = False,
         cuda_graph: bool | None = None,
+        clip_denoised: bool = True,
         **sampler_kwargs,
     ) -> Tensor:
         """:meth:`sample` from precomputed conditioning ``cond`` ``[P, *cond_shape]`` (e.g. stored CLIP grids):
         latents ``[P·n, n_ctx, d_latent]``.
+
+        ``clip_denoised``: clip each guidance branch's x₀ to [−1, 1] before guidance (never the guided result), or the
+        single x₀ without guidance, as the released sampler does (:func:`shapee.diffusion.guided_denoiser` is the one
+        place that clips; the samplers do not). With the defaults this reproduces the official ``sample_latents``
+        (``tests/test_official_parity.py``).
 
         ``cuda_graph``: replay a captured CUDA graph for the fixed-shape denoiser calls
         (:class:`~shapee.diffusion.cuda_graph.CUDAGraphDenoiser`); ``None`` (default): on a CUDA device. The same
@@ -375,7 +381,7 @@ class LatentDiffusion(nn.Module):
                 out = self.denoiser(x_t, t, c)  # [B, n_ctx, out_channels]
             return self.denoiser.split_output(out.float())  # the process math stays fp32
 
-        denoise = maybe_cuda_graphed(guided_denoiser(model, cond, scale), device, cuda_graph)
+        denoise = maybe_cuda_graphed(guided_denoiser(model, cond, scale, clip=clip_denoised), device, cuda_graph)
         calls = 0
 
         def counted(x_t: Tensor, t: Tensor):
