@@ -216,3 +216,25 @@ def test_dtype_and_device_on_load():
     assert all(p.dtype == torch.float32 for p in modules.parameters())
     kept = transmitter_modules_from_state_dict(sd, dtype=None, **TINY)
     assert all(p.dtype == torch.float16 for p in kept.parameters())
+
+
+def test_sizes_inferred_from_the_release_layout_are_the_released_defaults():
+    # load_official reads sizes from the weights' shapes; at the release layout they must be exactly the defaults.
+    from shapee.io.official_sizes import prior_sizes, transmitter_sizes
+
+    release = {k: torch.empty(shape, device="meta") for k, shape in read_state_dict_tsv(TSV).items()}
+    inferred = transmitter_sizes(release)
+    assert official_transmitter_keys(**inferred) == read_state_dict_tsv(TSV)
+    assert inferred["encoder_kwargs"]["width"] == 1024 and inferred["mlp_kwargs"]["d_hidden"] == 256
+    for name in ("text", "image"):
+        prior = {k: torch.empty(s, device="meta") for k, s in read_state_dict_tsv(f"{REFERENCE}/{name}_cond_state_dict.tsv").items()}
+        sizes = prior_sizes(prior)
+        assert (sizes["width"], sizes["layers"], sizes["n_ctx"], sizes["d_latent"]) == (1024, 24, 1024, 1024)
+        assert sizes["cond_dim"] == (768 if name == "text" else 1024)
+
+
+def test_load_official_infers_a_resized_transmitter_without_size_kwargs():
+    state = random_official_state_dict(**TINY)
+    model = load_official("transmitter", state)  # no sizes passed
+    assert model.encoder.width == 32 and model.nerstf.mlp[0].weight.shape[0] == 8
+    assert all(torch.equal(v, state[k]) for k, v in to_official_state_dict(model).items())
