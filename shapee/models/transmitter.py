@@ -104,6 +104,11 @@ class Transmitter(TransmitterModules):
 
     def encode(self, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> Tensor:
         """Batch of records (see :class:`shapee.data.AssetDataset`) → latent ``[B, 1024, 1024]`` in (−1, 1)."""
+        if getattr(self, "decoder_only", False):
+            raise RuntimeError(
+                "this transmitter was loaded from a decoder-only file (a diffusers shap_e_renderer): it has no encoder; "
+                "load the released transmitter.pt or a shapee snapshot to encode"
+            )
         return self.encoder(batch, generator=generator)
 
     def decode_params(self, latent: Tensor) -> dict[str, Tensor]:
