@@ -49,7 +49,8 @@ def _walk(node: Any, path: str, source: str, depth: int, on_path: set[int]) -> N
         raise CheckpointError(f"{source}: refused model config: {path} is nested too deep or refers to itself")
     if isinstance(node, Mapping):
         on_path.add(id(node))
-        for key, value in node.items():
+        for key in sorted(node, key=lambda k: k != "_target_"):  # a _target_ first: the error names what it calls
+            value = node[key]
             if not isinstance(key, str):
                 raise CheckpointError(f"{source}: refused model config: {path} has a non-string key {key!r}")
             child = f"{path}.{key}"
@@ -93,15 +94,16 @@ def check_model_config(config: Any, *, source: str, root: str = "model") -> tupl
         config = OmegaConf.to_container(config, resolve=False)  # resolvers are code too: never resolved here
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{source}: {root} is {type(config).__name__}, not a model config with a _target_")
-    _walk(config, root, source, 0, set())
     target = config.get("_target_")
     if target is None:
         raise CheckpointError(f"{source}: {root} has no _target_, so the model cannot be rebuilt")
-    if target not in ALLOWED_MODELS:
+    if not isinstance(target, str) or target not in ALLOWED_MODELS:
+        shown = target if isinstance(target, (str, int, float, bool)) else type(target).__name__
         raise CheckpointError(
-            f"{source}: refused model config: {root}._target_ = {target!r} is not a shapee model class "
+            f"{source}: refused model config: {root}._target_ = {shown!r} is not a shapee model class "
             f"(allowed: {', '.join(sorted(ALLOWED_MODELS))}); nothing was built"
         )
+    _walk(config, root, source, 0, set())
     module, name = ALLOWED_MODELS[target]
     cls = getattr(importlib.import_module(module), name)
     kwargs = {k: v for k, v in config.items() if k != "_target_"}
