@@ -131,6 +131,7 @@ class Transmitter(TransmitterModules):
 
         return query_fn
 
+    @torch.no_grad()
     def render_nerf(
         self,
         latent: Tensor,
@@ -140,7 +141,10 @@ class Transmitter(TransmitterModules):
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """NeRF images of ``B`` latents: ``rgb`` ``[B, N, H, W, 3]``, ``transmittance``/``depth`` ``[B, N, H, W]``
-        (and the coarse pass). ``cameras``: one set shared by all latents, or one per latent."""
+        (and the coarse pass). ``cameras``: one set shared by all latents, or one per latent.
+
+        Inference only (no autograd graph: nothing here trains; the NeRF losses render random rays through
+        :meth:`nerf_losses`). :meth:`render_stf` stays differentiable because stage ``finetune`` trains through it."""
         params = self.decode_params(latent)
         return nerf_renderer.render_views(
             self.field(params),
