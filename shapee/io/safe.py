@@ -52,8 +52,8 @@ def _walk(node: Any, path: str, source: str, depth: int, on_path: set[int]) -> N
         for key in sorted(node, key=lambda k: k != "_target_"):  # a _target_ first: the error names what it calls
             value = node[key]
             if not isinstance(key, str):
-                raise CheckpointError(f"{source}: refused model config: {path} has a non-string key {key!r}")
-            child = f"{path}.{key}"
+                raise CheckpointError(f"{source}: refused model config: {path} has a {type(key).__name__} key")
+            child = f"{path}.{key if key.isprintable() else repr(key)}"  # the message stays one line
             if _is_construction_key(key) and not (depth == 0 and key == "_target_"):
                 shown = value if isinstance(value, _SCALARS) else type(value).__name__
                 raise CheckpointError(
