@@ -45,9 +45,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600; the final file gets what open() would give it (POSIX)
-            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600; the final file gets what open() would give it (POSIX)
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
