@@ -53,7 +53,8 @@ class Victims:
             "open": {"_target_": "builtins.open", "_args_": [str(self.file), "w"]},
             "io.open": {"_target_": "io.open", "file": str(self.file), "mode": "w"},
             "makedirs": {"_target_": "os.makedirs", "name": str(self.made_dir)},
-            "touch": {"_target_": "pathlib.Path.touch", "self": {"_target_": "pathlib.Path", "_args_": [str(self.touched)]}},
+            "touch": {"_target_": "pathlib.Path.touch",
+                      "self": {"_target_": "pathlib.Path", "_args_": [str(self.touched)]}},
             "copyfile": {"_target_": "shutil.copyfile", "src": str(self.file), "dst": str(self.copy)},
         }
 
@@ -231,6 +232,10 @@ def test_wrong_model_kind_keeps_each_loaders_own_error(legit):
         load_sdf_teacher(str(legit["prior"]))
     with pytest.raises(CheckpointError, match="neither"):
         build_model({"format": "other"}, source="x")
+    obj = torch.load(legit["transmitter"], weights_only=True)
+    obj["model_config"]["stage"] = "bogus"  # an allowed class refusing a value: the loader's error, naming the file
+    with pytest.raises(EncoderLoadError, match=r"encoder='x.pt': its model config does not build .*'bogus'"):
+        build_model(obj, source="encoder='x.pt'", error=EncoderLoadError)
 
 
 # ------------------------------------------------------------------------------------------------ file modes

@@ -76,10 +76,10 @@ def _walk(node: Any, path: str, source: str, depth: int, on_path: set[int]) -> N
 def check_model_config(config: Any, *, source: str, root: str = "model") -> tuple[type[nn.Module], dict[str, Any]]:
     """Check a model config read from a file and return ``(model class, constructor kwargs)``; calls nothing.
 
-    The whole config is walked before anything else (dicts, lists, ``DictConfig``/``ListConfig``, every depth): the
-    top-level ``_target_`` must be a key of :data:`ALLOWED_MODELS`, no other ``_target_``/``_args_``/``_partial_``/
-    ... key may appear anywhere, values must be plain (str, numbers, bool, None, lists, dicts), and the remaining
-    top-level keys must bind to the class's signature.
+    The whole config is checked before anything is called (dicts, lists, ``DictConfig``/``ListConfig``, every
+    depth): the top-level ``_target_`` must be a key of :data:`ALLOWED_MODELS`, no other ``_target_``/``_args_``/
+    ``_partial_``/... key may appear anywhere, values must be plain (str, numbers, bool, None, lists, dicts), and
+    the remaining top-level keys must bind to the class's signature.
 
     Args:
         source: names the file in errors (e.g. ``"prior='runs/x/snapshot.pt'"``).
@@ -142,7 +142,7 @@ def build_model(
 
     Raises:
         CheckpointError: not our file, wrong format version, or a refused config (see :func:`check_model_config`).
-        error: another model than ``expected``, or weights that do not match the config.
+        error: another model than ``expected``, values the class refuses, or weights that do not match the config.
     """
     if not is_model_file(obj):
         raise CheckpointError(f"{source} is neither a {SNAPSHOT_FORMAT!r} nor a {CHECKPOINT_FORMAT!r} file")
@@ -161,7 +161,10 @@ def build_model(
         raise error(f"{source} holds a model with _target_={target!r}, not a {expected}{hint}")
     if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise error(f"{source}: its weights are not a state dict of tensors")
-    model = cls(**kwargs)
+    try:
+        model = cls(**kwargs)
+    except (TypeError, ValueError) as e:  # an allowed class refusing its values (e.g. an unknown stage)
+        raise error(f"{source}: its model config does not build a {target}: {e}") from e
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
