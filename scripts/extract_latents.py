@@ -18,11 +18,12 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="extract_latents")
 def main(cfg: DictConfig) -> None:
+    from shapee.io import CheckpointError
     from shapee.train.extract import EncoderLoadError, extract_latents
 
     try:
         summary = extract_latents(cfg)
-    except (EncoderLoadError, FileNotFoundError) as e:
+    except (EncoderLoadError, CheckpointError, FileNotFoundError) as e:
         print(f"extract_latents: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary, indent=2))

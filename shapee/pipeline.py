@@ -56,7 +56,6 @@ DECODERS = ("stf", "nerf")
 # Iso-level of the NeRF density mesh, in 1/world-units (objects span [-1, 1]). At σ = 10 a slab 0.07 thick (3.5 % of
 # the object's size) is 50 % opaque: the level sits where the volume render turns from see-through to solid.
 NERF_DENSITY_LEVEL = 10.0
-_PRIOR_TARGETS = ("shapee.models.LatentDiffusion", "shapee.models.latent_diffusion.LatentDiffusion")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -84,13 +83,14 @@ def load_prior(path: str | os.PathLike, *, official_name: str | None = None, dev
     or a released-layout state dict (``wrapped.*`` keys; ``official_name`` = ``text300M`` / ``image300M``).
 
     Raises:
-        FileNotFoundError: no such file. :class:`~shapee.io.CheckpointError`: unreadable, or holds another model.
+        FileNotFoundError: no such file. :class:`~shapee.io.CheckpointError`: unreadable, holds another model, or
+            its config names code other than a shapee model class (refused before anything runs, see
+            :func:`shapee.io.safe.build_model`).
         :class:`~shapee.io.OfficialCheckpointError`: a released-layout file whose keys/shapes do not fit.
     """
-    from hydra.utils import instantiate
-
-    from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT, CheckpointError, _safe_load
+    from shapee.io.checkpoint import CheckpointError, _safe_load
     from shapee.io.official import load_official
+    from shapee.io.safe import build_model, is_model_file
 
     path = Path(path)
     if not path.is_file():
@@ -101,22 +101,11 @@ def load_prior(path: str | os.PathLike, *, official_name: str | None = None, dev
         return load_official(official_name, path, device=device).eval()
     obj = _safe_load(path, map_location="cpu")
     kind = obj.get("format") if isinstance(obj, Mapping) else None
-    if kind in (SNAPSHOT_FORMAT, CHECKPOINT_FORMAT):
-        if kind == SNAPSHOT_FORMAT:
-            config, weights = obj.get("model_config"), obj.get("weights")
-        else:
-            config, weights = (obj.get("config") or {}).get("model"), obj.get("ema")
-        target = (config or {}).get("_target_")
-        if target not in _PRIOR_TARGETS:
-            raise CheckpointError(
-                f"prior={str(path)!r} holds a model with _target_={target!r}, not a shapee.models.LatentDiffusion "
-                "(give the prior's snapshot, e.g. runs/prior_text/checkpoints/snapshot.pt)"
-            )
-        model = instantiate(dict(config), _convert_="all")
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"prior={str(path)!r}: weights do not match its own model config: {e}") from e
+    if is_model_file(obj):
+        model = build_model(
+            obj, source=f"prior={str(path)!r}", expected="shapee.models.LatentDiffusion",
+            hint=" (give the prior's snapshot, e.g. runs/prior_text/checkpoints/snapshot.pt)",
+        )
         return model.to(device).eval()
     if isinstance(obj, Mapping) and any(str(k).startswith("wrapped.") for k in obj):
         if official_name is None:

@@ -84,6 +84,7 @@ def _assert_box(mesh, grid_size: int) -> None:
 def test_text_to_3d_meshes_are_the_decoded_surface_with_field_colours(pipe):
     result = pipe.generate(["a red cube", "a blue ball"], n=2, seed=0, steps=2, grid_size=12)
     assert result.latents.shape == (4, 128, 64) and result.latents.isfinite().all()
+    assert not result.latents.requires_grad  # inference builds no autograd graph
     assert result.sources == ["a red cube", "a red cube", "a blue ball", "a blue ball"]  # prompt-major
     assert len(result.meshes) == 4 and set(result.timings) == {"clip", "sampling", "mesh"}
     for latent, mesh in zip(result.latents, result.meshes):

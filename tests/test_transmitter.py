@@ -171,3 +171,14 @@ def test_finetune_render_sigma_is_configurable_and_defaults_to_the_official_one(
     assert not torch.allclose(loss[None], loss[1e-3])  # the wider soft edge changes the training render
     with pytest.raises(ValueError, match="stf_sigma must be > 0"):
         Transmitter(**TINY, stf_sigma=0.0)
+
+
+def test_inference_entry_points_build_no_autograd_graph():
+    # A notebook calling them with grad enabled gets plain tensors; the training losses still get gradients.
+    model = Transmitter(**TINY).eval()
+    latent = model.encode(make_batch(), generator=torch.Generator().manual_seed(0)).detach().requires_grad_(True)
+    out = model.render_nerf(latent, random_cameras(2, resolution=4), deterministic=True)
+    assert torch.is_grad_enabled() and not any(v.requires_grad for v in out.values() if torch.is_tensor(v))
+    params = model.decode_params(latent)
+    losses = model.nerf_losses(make_batch(), params)
+    assert losses["nerf_rgb_fine"].requires_grad  # training keeps its graph (render_rays, not render_nerf)

@@ -2,7 +2,9 @@
 
 ``shapee.io.load(path)`` rebuilds the model a snapshot describes and loads its weights; ``shapee.io.save(path,
 model, model_config)`` writes one. ``shapee.io.load_official(name, path)`` loads a released checkpoint. Nothing here
-unpickles code: ``torch.load(..., weights_only=True)`` or safetensors everywhere.
+unpickles code: ``torch.load(..., weights_only=True)`` or safetensors everywhere; and no file chooses what is built:
+a model config read from a file is checked against :data:`ALLOWED_MODELS` at every depth before anything is called
+(:mod:`shapee.io.safe`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from shapee.io.checkpoint import (
     CheckpointError,
+    _safe_load,
     load_checkpoint,
     load_snapshot,
     load_weights,
@@ -23,6 +26,7 @@ from shapee.io.checkpoint import (
     save_snapshot,
 )
 from shapee.io.official import OfficialCheckpointError, load_official
+from shapee.io.safe import ALLOWED_MODELS, build_model, check_model_config
 
 
 def save(path: str | os.PathLike, model: nn.Module, model_config: Mapping[str, Any], *, step: int | None = None) -> None:
@@ -32,21 +36,24 @@ def save(path: str | os.PathLike, model: nn.Module, model_config: Mapping[str, A
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model stored in a snapshot (or a full checkpoint's EMA weights + config) and load it, in eval mode."""
-    from hydra.utils import instantiate
+    """Rebuild the model stored in a snapshot (or a full checkpoint's EMA weights + config) and load it, in eval mode.
 
-    snapshot = load_snapshot(path)
-    config = snapshot.get("model_config")
-    if not config or "_target_" not in config:
-        raise CheckpointError(f"{path}: the snapshot has no model config with a _target_, so the model cannot be rebuilt")
-    model = instantiate(config, _convert_="all")
-    model.load_state_dict(snapshot["weights"], strict=True)
-    return model.to(device).eval()
+    Only the shapee model classes of :data:`ALLOWED_MODELS` are built, and only after the whole config was checked
+    (:func:`shapee.io.safe.build_model`): a file naming any other ``_target_``, at any depth, is refused.
+
+    Raises:
+        CheckpointError: missing, corrupt or not our file; a refused config (naming its key path); weights that do not
+            fit the config.
+    """
+    return build_model(_safe_load(path, map_location="cpu"), source=f"checkpoint file {str(path)!r}").to(device)
 
 
 __all__ = [
+    "ALLOWED_MODELS",
     "CheckpointError",
     "OfficialCheckpointError",
+    "build_model",
+    "check_model_config",
     "load",
     "load_checkpoint",
     "load_official",

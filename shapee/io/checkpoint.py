@@ -39,12 +39,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
     The bytes go to a temporary file beside ``path`` (same filesystem, so the final ``os.replace`` is atomic), are
     flushed and fsync'ed, and only then renamed over ``path``. If anything raises, the temporary file is removed.
+    The file gets the mode the process umask gives new files (0644 under umask 022), not the temporary's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp makes 0600; the final file gets what open() would give it (POSIX)
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -58,6 +61,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can only set it, which would
+    briefly race other threads creating files); elsewhere set-and-restore."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -136,6 +136,7 @@ class Transmitter(TransmitterModules):
 
         return query_fn
 
+    @torch.no_grad()
     def render_nerf(
         self,
         latent: Tensor,
@@ -145,7 +146,10 @@ class Transmitter(TransmitterModules):
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """NeRF images of ``B`` latents: ``rgb`` ``[B, N, H, W, 3]``, ``transmittance``/``depth`` ``[B, N, H, W]``
-        (and the coarse pass). ``cameras``: one set shared by all latents, or one per latent."""
+        (and the coarse pass). ``cameras``: one set shared by all latents, or one per latent.
+
+        Inference only (no autograd graph: nothing here trains; the NeRF losses render random rays through
+        :meth:`nerf_losses`). :meth:`render_stf` stays differentiable because stage ``finetune`` trains through it."""
         params = self.decode_params(latent)
         return nerf_renderer.render_views(
             self.field(params),
@@ -293,13 +297,27 @@ def batch_cameras(batch: Mapping[str, Tensor], prefix: str = "target") -> list[C
 
 
 def load_sdf_teacher(path: str):
-    """A Point-E SDF teacher from our snapshot (``scripts/train_pointe_sdf.py``) or the official ``sdf.pt`` layout."""
-    from shapee.io import load as load_snapshot_model
-    from shapee.io.checkpoint import CheckpointError
-    from shapee.io.official_pointe import load_official_pointe_sdf
+    """A Point-E SDF teacher from our snapshot (``scripts/train_pointe_sdf.py``) or the official ``sdf.pt`` layout.
 
-    try:
-        model = load_snapshot_model(path)
-    except CheckpointError:
-        model = load_official_pointe_sdf(path)
-    return model.eval().requires_grad_(False)
+    Our files are built by :func:`shapee.io.safe.build_model` (their config checked against the allow-list first);
+    anything else is read as a released state dict, which names no code at all.
+    """
+    from pathlib import Path
+
+    from shapee.io.checkpoint import CheckpointError, _safe_load
+    from shapee.io.official_pointe import load_official_pointe_sdf
+    from shapee.io.safe import build_model, is_model_file
+
+    source = path
+    if Path(path).suffix != ".safetensors":
+        try:
+            obj = _safe_load(path, map_location="cpu")
+        except CheckpointError:
+            obj = None  # missing or unreadable: the official reader below says why, in its own words
+        if is_model_file(obj):
+            model = build_model(
+                obj, source=f"teacher_checkpoint={str(path)!r}", expected="shapee.models.pointe_sdf.PointESDF"
+            )
+            return model.eval().requires_grad_(False)
+        source = obj if isinstance(obj, Mapping) else path
+    return load_official_pointe_sdf(source).eval().requires_grad_(False)

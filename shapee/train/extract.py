@@ -59,11 +59,12 @@ def load_transmitter(
     Raises:
         EncoderLoadError: naming the file: missing, unreadable, wrong format, not a transmitter, or weights that do
             not fit (every mismatched key listed for official files).
+        CheckpointError: our file whose model config names code other than a shapee model class, at any depth
+            (refused before anything runs, see :func:`shapee.io.safe.build_model`), or a newer format version.
     """
-    from hydra.utils import instantiate
-
     from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
     from shapee.io.official import OfficialCheckpointError, transmitter_modules_from_state_dict
+    from shapee.io.safe import build_model
     from shapee.models.transmitter import Transmitter
 
     if encoder_format not in ENCODER_FORMATS:
@@ -91,21 +92,11 @@ def load_transmitter(
         raise EncoderLoadError(f"encoder={str(path)!r} is a shapee {kind!r} file, not an official state dict")
 
     if is_ours:
-        if kind == SNAPSHOT_FORMAT:
-            config, weights = obj.get("model_config"), obj.get("weights")
-        else:
-            config, weights = (obj.get("config") or {}).get("model"), obj.get("ema")
-        target = (config or {}).get("_target_", "")
-        if target.rsplit(".", 1)[-1] != "Transmitter":
-            raise EncoderLoadError(
-                f"encoder={str(path)!r} holds a model with _target_={target or None!r}, not a shapee.models.Transmitter "
-                "(give the encoder's snapshot, e.g. runs/encoder_nerf/checkpoints/snapshot.pt)"
-            )
-        model = instantiate(dict(config), _convert_="all")
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise EncoderLoadError(f"encoder={str(path)!r}: weights do not match its own model config: {e}") from e
+        # Refused configs raise CheckpointError (naming the key path) before anything is built.
+        model = build_model(
+            obj, source=f"encoder={str(path)!r}", expected="shapee.models.Transmitter", error=EncoderLoadError,
+            hint=" (give the encoder's snapshot, e.g. runs/encoder_nerf/checkpoints/snapshot.pt)",
+        )
     else:
         official = dict(official or {})
         try:
