@@ -228,3 +228,24 @@ def test_outward_lamp_shade_gets_the_winding_number_inside_and_a_warning(tmp_pat
     assert summary["prepared"] == 1 and summary["warnings"] == {"open mesh": 1}
     (entry,) = read_jsonl(out / "manifest.jsonl")
     assert "64 boundary or non-manifold edges" in entry["warnings"][0]["message"]
+
+
+def test_gltf_with_a_missing_external_or_a_corrupt_embedded_texture_falls_back(tmp_path, assets_good, capfd):
+    files = trimesh.load_scene(assets_good / "BoxTextured.glb").export(file_type="gltf")  # {name: bytes}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    document = json.loads(files["model.gltf"])
+    document["images"] = [{"uri": "missing%20box.png"}]
+    (tmp_path / "external.gltf").write_text(json.dumps(document))
+    glb = bytearray((assets_good / "BoxTextured.glb").read_bytes())
+    start = glb.find(b"\x89PNG")
+    glb[start : start + 16] = bytes(16)  # the embedded PNG's signature and header destroyed
+    (tmp_path / "corrupt.glb").write_bytes(bytes(glb))
+
+    assert load_mesh(tmp_path / "model.gltf").color_source == "texture"  # the export itself is fine
+    external, corrupt = load_mesh(tmp_path / "external.gltf"), load_mesh(tmp_path / "corrupt.glb")
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert external.color_source == "material" and kinds(external.warnings) == ["texture missing"]
+    assert "missing box.png" in external.warnings[0]["message"]
+    assert corrupt.color_source == "material" and kinds(corrupt.warnings) == ["texture unreadable"]

@@ -263,6 +263,8 @@ def load_mesh(path: str | os.PathLike) -> Mesh:
             sidecars = _check_obj_sidecars(path_str, _check_obj_text(path_str))
         elif ext == ".ply":
             sidecars = _check_ply_sidecars(path_str, _check_ply_header(path_str))
+        elif ext in (".gltf", ".glb"):
+            sidecars = _check_gltf_sidecars(path_str)
         with _captured_loader_messages() as messages:
             try:
                 scene = trimesh.load_scene(path_str, process=False)
@@ -272,6 +274,9 @@ def load_mesh(path: str | os.PathLike) -> Mesh:
                 raise
         mesh = _scene_to_mesh(scene, path_str, is_gltf=ext in (".glb", ".gltf"), sidecars=sidecars)
         mesh.warnings = _unique(sidecars.warnings + mesh.warnings + _loader_warnings(messages, sidecars.warnings))
+        if sidecars.declares_texture and not mesh.textures and not mesh.warnings:
+            mesh.warnings.append(_warning("texture unreadable", "the file declares a base-colour texture but none "
+                                          "could be loaded"))
         return mesh
     except MeshError:
         raise
@@ -342,6 +347,8 @@ class _Sidecars:
     # The PLY names a texture that cannot be used: trimesh then invents a 2×2 grey placeholder image, which must not
     # count as a texture (the vertex colours it dropped are the better source).
     ply_texture_unusable: bool = False
+    # The file declares a base-colour texture (glTF): if none is loaded and no check explained why, say so.
+    declares_texture: bool = False
 
 
 def _warning(kind: str, message: str) -> dict:
@@ -439,6 +446,37 @@ def _check_ply_sidecars(path: str, header: bytes) -> _Sidecars:
             if problem is not None:
                 out.warnings.append(problem)
                 out.ply_texture_unusable = True
+    return out
+
+
+def _check_gltf_sidecars(path: str) -> _Sidecars:
+    """External image URIs of a glTF that are missing or not images; whether any material declares a base-colour
+    texture. A JSON this cannot read is left to trimesh (whose error then names the problem)."""
+    import json
+
+    out = _Sidecars()
+    try:
+        data = Path(path).read_bytes()
+        if data[:4] == b"glTF":  # GLB: 12-byte header, then the JSON chunk (length, type "JSON", bytes)
+            length = int.from_bytes(data[12:16], "little")
+            document = json.loads(data[20 : 20 + length]) if data[16:20] == b"JSON" else {}
+        else:
+            document = json.loads(data)
+    except (OSError, ValueError):
+        return out
+    if not isinstance(document, dict):
+        return out
+    out.declares_texture = any(
+        isinstance(m, dict) and "baseColorTexture" in (m.get("pbrMetallicRoughness") or {})
+        for m in document.get("materials") or [])
+    for image in document.get("images") or []:
+        uri = image.get("uri") if isinstance(image, dict) else None
+        if isinstance(uri, str) and not uri.startswith("data:"):
+            from urllib.parse import unquote
+
+            problem = _check_image(path, unquote(uri), "glTF image uri")
+            if problem is not None:
+                out.warnings.append(problem)
     return out
 
 
