@@ -406,12 +406,13 @@ def _check_obj_sidecars(path: str, text: str) -> _Sidecars:
     libraries = [(m.group(1) or "").strip() for m in _OBJ_MTLLIB.finditer(text)]
     used = {(m.group(1) or "").strip() for m in _OBJ_USEMTL.finditer(text)}
     defined: set[str] = set()
+    loaded = False
     for name in libraries[:1]:  # trimesh reads the first mtllib line only
         found = _find_sidecar(path, name) if name else None
         if found is None:
             out.warnings.append(_warning("mtllib missing", f"material library {name!r} (mtllib) not found"))
             continue
-        material = None
+        loaded, material = True, None
         for raw in found.read_text(encoding="utf-8", errors="replace").splitlines():
             split = raw.strip().split()
             if not split:
@@ -428,7 +429,7 @@ def _check_obj_sidecars(path: str, text: str) -> _Sidecars:
     if used and not libraries:
         out.warnings.append(_warning("mtllib missing", f"usemtl {sorted(used)} but the file names no material "
                                      "library (no mtllib line)"))
-    elif libraries and defined:
+    elif loaded:
         for name in sorted(used - defined):
             what = "usemtl without a material name" if not name else f"usemtl {name!r} names no material in the library"
             out.warnings.append(_warning("material unknown", what))
