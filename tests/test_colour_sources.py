@@ -120,6 +120,11 @@ def test_usemtl_without_a_name_and_usemtl_without_mtllib_are_reported(tmp_path, 
     assert empty.color_source == "default" and kinds(empty.warnings) == ["material unknown"]
     assert "without a material name" in empty.warnings[0]["message"]
     assert nolib.color_source == "default" and kinds(nolib.warnings) == ["mtllib missing"]
+    (tmp_path / "bare").mkdir()  # a library that exists but defines no material
+    (tmp_path / "bare" / "rabbit.mtl").write_text("# nothing here\n")
+    (tmp_path / "bare" / "rabbit.obj").write_text(text)
+    bare = load_mesh(tmp_path / "bare" / "rabbit.obj")
+    assert bare.color_source == "default" and kinds(bare.warnings) == ["material unknown"]
 
 
 @pytest.mark.parametrize("case, file, source", [
