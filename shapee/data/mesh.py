@@ -3,12 +3,22 @@
 Colour model: every face has three corner colours (sRGB). A textured face additionally samples one of ``textures``
 at its interpolated UV and multiplies it by the interpolated corner colour (the material's colour factor, white if
 none). Untextured faces use the interpolated corner colours (vertex colours, material colour or neutral grey).
+
+Colour sources: :func:`resolve_colors` alone decides, per geometry of a file, where its colours come from; the first
+that is present *and usable* wins: UV texture → vertex (or face) colours → material colour → neutral grey. A source
+the file declares but that cannot be used (texture image missing or undecodable, ``mtllib`` missing, ``usemtl``
+naming no material) falls through to the next one and becomes an entry of ``Mesh.warnings`` (``{"kind",
+"message"}``, kinds in :data:`WARNING_KINDS`); what trimesh logs while loading is captured into the same list
+instead of reaching the console. ``Mesh.color_source`` names the source that was used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import warnings as pywarnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +27,8 @@ import numpy as np
 import trimesh
 
 COLOR_SOURCES = ("texture", "vertex", "material", "default")  # Mesh.color_source values, in priority order
+# Mesh.warnings kinds: a declared colour source that could not be used, or something the loader reported.
+WARNING_KINDS = ("texture missing", "texture unreadable", "mtllib missing", "material unknown", "loader message")
 
 
 class MeshError(ValueError):
@@ -40,6 +52,7 @@ class Mesh:
     textures: list[np.ndarray] = field(default_factory=list)  # each [H, W, 3] float32 sRGB in [0, 1]
     color_source: str = "default"  # "texture" | "vertex" | "material" | "default"
     source: str = ""
+    warnings: list[dict] = field(default_factory=list)  # [{"kind": one of WARNING_KINDS, "message": str}]
 
     def __post_init__(self) -> None:
         self.vertices = np.ascontiguousarray(self.vertices, dtype=np.float32)
@@ -199,6 +212,8 @@ _OBJ_FACE = re.compile(r"^[ \t]*f[ \t]", re.MULTILINE)
 _OBJ_LINE = re.compile(r"^[ \t]*l[ \t]", re.MULTILINE)
 _OBJ_VERTEX = re.compile(r"^[ \t]*v[ \t]", re.MULTILINE)
 _OBJ_NONFINITE_VERTEX = re.compile(r"^[ \t]*v[ \t][^\n]*(?:nan|inf)[^\n]*$", re.MULTILINE | re.IGNORECASE)
+_OBJ_MTLLIB = re.compile(r"^[ \t]*mtllib(?:[ \t]+([^\r\n]*))?[ \t\r]*$", re.MULTILINE)
+_OBJ_USEMTL = re.compile(r"^[ \t]*usemtl(?:[ \t]+([^\r\n]*))?[ \t\r]*$", re.MULTILINE)
 _PLY_COLOR_PROPERTIES = ("red", "green", "blue", "alpha", "r", "g", "b", "diffuse_red", "diffuse_green", "diffuse_blue")
 
 
@@ -214,7 +229,12 @@ def load_mesh(path: str | os.PathLike) -> Mesh:
     colour as flat albedo; here that base colour is made explicit per geometry, first that applies: UV texture (times
     glTF ``baseColorFactor`` × ``COLOR_0``), vertex/face colours, material colour, neutral grey 0.5. glTF factors and
     ``COLOR_0`` are linear by the glTF spec and are converted to sRGB; 8-bit colours, MTL ``Kd`` and textures are
-    taken as sRGB. ``Mesh.color_source`` is the source covering the largest area.
+    taken as sRGB. ``Mesh.color_source`` is the source covering the largest area (see :func:`resolve_colors`).
+
+    A colour source the file declares but that cannot be used (a missing or undecodable texture image, a missing
+    ``mtllib``, a ``usemtl`` naming no material) is not an error: the geometry falls back to the next source and
+    ``Mesh.warnings`` says what happened. Whatever trimesh logs while parsing is captured into ``Mesh.warnings``
+    too (kind ``"loader message"``) instead of being printed.
 
     Faces of zero area are dropped and vertices no face uses are removed (they would widen the bounding box);
     nothing else is repaired (no merging, no re-orientation). The result is normalised with :func:`normalise`:
@@ -236,26 +256,39 @@ def load_mesh(path: str | os.PathLike) -> Mesh:
         raise MeshError(path_str, f"unsupported file extension {ext or '(none)'!r}; supported: "
                         + ", ".join(SUPPORTED_EXTENSIONS))
     try:
-        # trimesh silently drops what it cannot represent (short faces, 'l' elements, NaN colours): look first.
+        # trimesh silently drops what it cannot represent (short faces, 'l' elements, NaN colours, sidecar files it
+        # cannot find): look first.
+        sidecars = _Sidecars()
         if ext == ".obj":
-            _check_obj_text(path_str)
+            sidecars = _check_obj_sidecars(path_str, _check_obj_text(path_str))
         elif ext == ".ply":
-            _check_ply_header(path_str)
-        try:
-            scene = trimesh.load_scene(path_str, process=False)
-        except IndexError as error:
-            if ext == ".obj":  # trimesh indexes the vertex arrays with the face tokens as they are
-                raise MeshError(path_str, f"face index out of range ({error})") from error
-            raise
-        return _scene_to_mesh(scene, path_str, is_gltf=ext in (".glb", ".gltf"))
+            sidecars = _check_ply_sidecars(path_str, _check_ply_header(path_str))
+        elif ext in (".gltf", ".glb"):
+            sidecars = _check_gltf_sidecars(path_str)
+        with _captured_loader_messages() as messages:
+            try:
+                scene = trimesh.load_scene(path_str, process=False)
+            except IndexError as error:
+                if ext == ".obj":  # trimesh indexes the vertex arrays with the face tokens as they are
+                    raise MeshError(path_str, f"face index out of range ({error})") from error
+                raise
+        mesh = _scene_to_mesh(scene, path_str, is_gltf=ext in (".glb", ".gltf"), sidecars=sidecars)
+        mesh.warnings = _unique(sidecars.warnings + mesh.warnings + _loader_warnings(messages, sidecars.warnings))
+        if sidecars.declares_texture and not mesh.textures and not mesh.warnings:
+            mesh.warnings.append(_warning("texture unreadable", "the file declares a base-colour texture but none "
+                                          "could be loaded"))
+        return mesh
     except MeshError:
         raise
     except Exception as error:  # never let one broken asset stop a batch run
         raise MeshError(path_str, f"could not read {ext} file: {type(error).__name__}: {error}") from error
 
 
-def _check_obj_text(path: str) -> None:
-    """Problems of an OBJ that trimesh would hide: short faces, line-only files, NaN colours, no geometry."""
+def _check_obj_text(path: str) -> str:
+    """Problems of an OBJ that trimesh would hide: short faces, line-only files, NaN colours, no geometry.
+
+    Returns the text (the sidecar check reads its ``mtllib`` / ``usemtl`` lines).
+    """
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     short = _OBJ_SHORT_FACE.search(text)
     if short is not None:
@@ -274,6 +307,7 @@ def _check_obj_text(path: str) -> None:
         if len(values) >= 6 and not np.isfinite(values[3:6]).all():
             line = text.count("\n", 0, match.start()) + 1
             raise MeshError(path, f"NaN in vertex colours (line {line}: {match.group(0).strip()!r})")
+    return text
 
 
 def _parse_float(token: str) -> float:
@@ -283,8 +317,11 @@ def _parse_float(token: str) -> float:
         return float("nan")
 
 
-def _check_ply_header(path: str) -> None:
-    """A PLY whose header declares no elements has nothing to load; say so instead of 'empty scene'."""
+def _check_ply_header(path: str) -> bytes:
+    """A PLY whose header declares no elements has nothing to load; say so instead of 'empty scene'.
+
+    Returns the header bytes (the sidecar check reads its ``comment TextureFile`` line).
+    """
     with open(path, "rb") as f:
         head = f.read(65536)
     if not head.startswith(b"ply"):
@@ -298,6 +335,196 @@ def _check_ply_header(path: str) -> None:
         raise MeshError(path, "empty mesh: the PLY header declares no vertices")
     if counts.get("face", 0) == 0:
         raise MeshError(path, f"no faces: point cloud ({counts['vertex']} vertices)")
+    return head[:end]
+
+
+# ------------------------------------------------------------------------------ sidecar files and loader messages
+@dataclass
+class _Sidecars:
+    """What the checks of a file's sidecars (MTL, texture images) found before trimesh parses the file."""
+
+    warnings: list[dict] = field(default_factory=list)
+    # The PLY names a texture that cannot be used: trimesh then invents a 2×2 grey placeholder image, which must not
+    # count as a texture (the vertex colours it dropped are the better source).
+    ply_texture_unusable: bool = False
+    # The file declares a base-colour texture (glTF): if none is loaded and no check explained why, say so.
+    declares_texture: bool = False
+
+
+def _warning(kind: str, message: str) -> dict:
+    assert kind in WARNING_KINDS, kind
+    return {"kind": kind, "message": message}
+
+
+def _unique(entries: list[dict]) -> list[dict]:
+    """Drop repeated warnings (a material shared by many geometries reports once), keeping the first order."""
+    seen, out = set(), []
+    for e in entries:
+        key = (e["kind"], e["message"])
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def _find_sidecar(mesh_path: str, name: str) -> Path | None:
+    """The file ``name`` refers to, looked up the way trimesh's resolver does (as written, without a leading '/',
+    by its base name; all inside the mesh's folder); None if there is none."""
+    parent = Path(mesh_path).resolve().parent
+    for candidate in (name.strip(), name.strip().lstrip("/"), os.path.split(name)[-1]):
+        if not candidate:
+            continue
+        path = (parent / candidate).resolve()
+        if path.is_relative_to(parent) and path.is_file():
+            return path
+    return None
+
+
+def _check_image(mesh_path: str, name: str, owner: str) -> dict | None:
+    """A warning if the texture image ``name`` (referenced by ``owner``) is missing or not an image, else None.
+
+    Only the header is read here (cheap); an image whose pixel data turns out to be broken is caught when it is
+    decoded (:func:`resolve_colors`).
+    """
+    from PIL import Image
+
+    found = _find_sidecar(mesh_path, name)
+    if found is None:
+        return _warning("texture missing", f"texture image {name!r} ({owner}) not found")
+    try:
+        with Image.open(found) as image:
+            image.verify()
+    except Exception as error:
+        return _warning("texture unreadable", f"texture image {name!r} ({owner}) is not a readable image: "
+                        f"{type(error).__name__}: {error}")
+    return None
+
+
+def _check_obj_sidecars(path: str, text: str) -> _Sidecars:
+    """``mtllib`` files that exist, ``usemtl`` names they define, ``map_Kd`` images that exist and open."""
+    out = _Sidecars()
+    libraries = [(m.group(1) or "").strip() for m in _OBJ_MTLLIB.finditer(text)]
+    used = {(m.group(1) or "").strip() for m in _OBJ_USEMTL.finditer(text)}
+    defined: set[str] = set()
+    loaded = False
+    for name in libraries[:1]:  # trimesh reads the first mtllib line only
+        found = _find_sidecar(path, name) if name else None
+        if found is None:
+            out.warnings.append(_warning("mtllib missing", f"material library {name!r} (mtllib) not found"))
+            continue
+        loaded, material = True, None
+        for raw in found.read_text(encoding="utf-8", errors="replace").splitlines():
+            split = raw.strip().split()
+            if not split:
+                continue
+            key = split[0].lower()
+            if key == "newmtl":
+                material = " ".join(split[1:])
+                defined.add(material)
+            elif key == "map_kd" and material is not None:
+                image_name = raw[raw.lower().index("map_kd") + 6 :].strip()
+                problem = _check_image(path, image_name, f"map_Kd of material {material!r}")
+                if problem is not None:
+                    out.warnings.append(problem)
+    if used and not libraries:
+        out.warnings.append(_warning("mtllib missing", f"usemtl {sorted(used)} but the file names no material "
+                                     "library (no mtllib line)"))
+    elif loaded:
+        for name in sorted(used - defined):
+            what = "usemtl without a material name" if not name else f"usemtl {name!r} names no material in the library"
+            out.warnings.append(_warning("material unknown", what))
+    return out
+
+
+def _check_ply_sidecars(path: str, header: bytes) -> _Sidecars:
+    """The image of a ``comment TextureFile <name>`` header line exists and opens."""
+    out = _Sidecars()
+    for raw in header.decode("utf-8", errors="replace").splitlines():
+        lower = raw.lower()
+        if raw.strip().lower().startswith("comment") and "texturefile" in lower:
+            name = raw[lower.index("texturefile") + 11 :].strip()
+            problem = _check_image(path, name, "PLY TextureFile")
+            if problem is not None:
+                out.warnings.append(problem)
+                out.ply_texture_unusable = True
+    return out
+
+
+def _check_gltf_sidecars(path: str) -> _Sidecars:
+    """External image URIs of a glTF that are missing or not images; whether any material declares a base-colour
+    texture. A JSON this cannot read is left to trimesh (whose error then names the problem)."""
+    import json
+
+    out = _Sidecars()
+    try:
+        data = Path(path).read_bytes()
+        if data[:4] == b"glTF":  # GLB: 12-byte header, then the JSON chunk (length, type "JSON", bytes)
+            length = int.from_bytes(data[12:16], "little")
+            document = json.loads(data[20 : 20 + length]) if data[16:20] == b"JSON" else {}
+        else:
+            document = json.loads(data)
+    except (OSError, ValueError):
+        return out
+    if not isinstance(document, dict):
+        return out
+    out.declares_texture = any(
+        isinstance(m, dict) and "baseColorTexture" in (m.get("pbrMetallicRoughness") or {})
+        for m in document.get("materials") or [])
+    for image in document.get("images") or []:
+        uri = image.get("uri") if isinstance(image, dict) else None
+        if isinstance(uri, str) and not uri.startswith("data:"):
+            from urllib.parse import unquote
+
+            problem = _check_image(path, unquote(uri), "glTF image uri")
+            if problem is not None:
+                out.warnings.append(problem)
+    return out
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured_loader_messages():
+    """Within the block, trimesh's log records (warning and above) and Python warnings are collected in the yielded
+    list as ``(text, exception or None)`` instead of reaching the console."""
+    logger = logging.getLogger("trimesh")
+    handler = _ListHandler()
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    logger.handlers, logger.propagate = [handler], False
+    if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    messages: list[tuple[str, BaseException | None]] = []
+    try:
+        with pywarnings.catch_warnings(record=True) as caught:
+            pywarnings.simplefilter("always")
+            yield messages
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+        for record in handler.records:
+            error = record.exc_info[1] if record.exc_info else None
+            messages.append((record.getMessage(), error))
+        messages.extend((f"{w.category.__name__}: {w.message}", None) for w in caught)
+
+
+def _loader_warnings(messages: list[tuple[str, BaseException | None]], known: list[dict]) -> list[dict]:
+    """Captured loader messages as warnings; image complaints already explained by a sidecar check are dropped."""
+    explained = any(w["kind"].startswith("texture") for w in known)
+    out = []
+    for text, error in messages:
+        about_image = "image" in text.lower()
+        if about_image and explained:
+            continue
+        detail = f"trimesh: {text}" + (f" ({type(error).__name__}: {error})" if error is not None else "")
+        out.append(_warning("texture unreadable" if about_image else "loader message", detail))
+    return out
 
 
 @dataclass
@@ -308,18 +535,20 @@ class _Part:
     faces: np.ndarray  # [F, 3] int64
     corner_colors: np.ndarray  # [F, 3, 3] float32 sRGB
     corner_uvs: np.ndarray | None  # [F, 3, 2] float32
-    texture: Any  # PIL image or None
+    texture: Any  # PIL image (decoded) or None
     color_source: str
+    warnings: list[dict] = field(default_factory=list)
 
 
-def _scene_to_mesh(scene: trimesh.Scene, path: str, is_gltf: bool) -> Mesh:
+def _scene_to_mesh(scene: trimesh.Scene, path: str, is_gltf: bool, sidecars: _Sidecars | None = None) -> Mesh:
     parts: list[_Part] = []
     n_points = n_paths = 0
     for node in scene.graph.nodes_geometry:
         transform, geometry_name = scene.graph[node]
         geometry = scene.geometry[geometry_name]
         if isinstance(geometry, trimesh.Trimesh) and len(geometry.faces) > 0:
-            parts.append(_convert_geometry(geometry, np.asarray(transform, dtype=np.float64), path, is_gltf))
+            parts.append(_convert_geometry(geometry, np.asarray(transform, dtype=np.float64), path, is_gltf,
+                                           sidecars or _Sidecars()))
         elif isinstance(geometry, trimesh.path.path.Path):
             n_paths += 1
         elif hasattr(geometry, "vertices"):
@@ -333,7 +562,8 @@ def _scene_to_mesh(scene: trimesh.Scene, path: str, is_gltf: bool) -> Mesh:
     return _assemble(parts, path)
 
 
-def _convert_geometry(geometry: trimesh.Trimesh, transform: np.ndarray, path: str, is_gltf: bool) -> _Part:
+def _convert_geometry(geometry: trimesh.Trimesh, transform: np.ndarray, path: str, is_gltf: bool,
+                      sidecars: _Sidecars) -> _Part:
     """Move one geometry by its node transform [4, 4] and express its colours as corner colours / UVs."""
     name = geometry.metadata.get("name", "")
     vertices = np.asarray(geometry.vertices, dtype=np.float64)  # [V, 3]
@@ -348,45 +578,133 @@ def _convert_geometry(geometry: trimesh.Trimesh, transform: np.ndarray, path: st
         faces = faces[:, [0, 2, 1]]
     _check_ply_colors(geometry, path)
 
+    colors = resolve_colors(geometry, faces, path=path, is_gltf=is_gltf,
+                            texture_unusable=sidecars.ply_texture_unusable)
+    return _Part(vertices, faces, colors.corner_colors, colors.corner_uvs, colors.texture, colors.source,
+                 colors.warnings)
+
+
+@dataclass
+class ResolvedColors:
+    """The colours of one geometry (:func:`resolve_colors`)."""
+
+    corner_colors: np.ndarray  # [F, 3, 3] float32 sRGB in [0, 1]
+    corner_uvs: np.ndarray | None  # [F, 3, 2] float32 when textured
+    texture: Any  # decoded PIL image when textured, else None
+    source: str  # one of COLOR_SOURCES
+    warnings: list[dict]  # sources present but unusable, {"kind", "message"}
+
+
+def resolve_colors(geometry: trimesh.Trimesh, faces: np.ndarray, *, path: str = "", is_gltf: bool = False,
+                   texture_unusable: bool = False) -> ResolvedColors:
+    """Where the colours of one trimesh geometry come from: the one place that owns the order of colour sources.
+
+    The first source that is present and usable wins:
+
+    1. ``"texture"``: a decodable image with one UV per vertex (glTF: times ``baseColorFactor`` × ``COLOR_0``; OBJ:
+       the image alone, since exporters write ``Kd 0.8`` next to the texture they mean to show);
+    2. ``"vertex"``: per-vertex (or per-face) colours, including those trimesh drops from a PLY when it builds a
+       textured visual (glTF: times ``baseColorFactor``);
+    3. ``"material"``: the material's colour (MTL ``Kd``, glTF ``baseColorFactor``), unless it is trimesh's filler;
+    4. ``"default"``: neutral grey :data:`NEUTRAL_GREY`.
+
+    Vertex colours come before the material colour: they are the more specific of the two (scans and MeshLab
+    exports carry them beside a generic grey ``Kd``), and glTF defines the base colour as their product anyway.
+
+    ``faces`` ``[F, 3]`` index ``geometry.vertices``; ``texture_unusable`` says the file's texture was found missing
+    or unreadable before parsing (trimesh then supplies a placeholder image, ignored here). A texture image whose
+    pixel data cannot be decoded is dropped with a ``"texture unreadable"`` warning and the next source is used.
+    """
+    n_vertices, n_faces = len(geometry.vertices), len(faces)
     visual = geometry.visual
-    corner_uvs, texture, source = None, None, "default"
-    corner_colors = np.full((len(faces), 3, 3), NEUTRAL_GREY, dtype=np.float32)  # [F, 3, 3]
+    warnings: list[dict] = []
+    image, uv = None, None
+    factor, has_factor = np.ones(3), False  # [3]
+    vertex_colors, face_colors, colors_linear = None, None, False  # [V, 3] / [F, 3] float64 in [0, 1]
     if isinstance(visual, trimesh.visual.texture.TextureVisuals):
         material = visual.material
-        vertex_colors = _attribute_vertex_colors(visual, len(vertices), path)  # [V, 3] or None
         factor, has_factor = _material_factor(material, is_gltf)  # [3] (linear for glTF, sRGB otherwise)
-        image = _material_image(material)
+        vertex_colors = _attribute_vertex_colors(visual, n_vertices, path)  # glTF COLOR_0 (linear) or None
+        colors_linear = is_gltf
+        if vertex_colors is None:
+            vertex_colors = _ply_vertex_colors(geometry, n_vertices)  # 8-bit PLY colours trimesh set aside (sRGB)
+            colors_linear = False
+        if not texture_unusable:
+            image = _decoded_image(_material_image(material), warnings)
         uv = None if visual.uv is None else np.asarray(visual.uv, dtype=np.float64)
-        if image is not None and uv is not None and len(uv) == len(vertices):
-            texture, source = image, "texture"
-            corner_uvs = uv[faces].astype(np.float32)  # [F, 3, 2]
-            if is_gltf:  # glTF: base colour = baseColorFactor * COLOR_0 * texture, the first two linear
-                corner = np.broadcast_to(factor, (len(faces), 3, 3))
-                if vertex_colors is not None:
-                    corner = corner * vertex_colors[faces]
-                corner_colors = _linear_to_srgb(corner)
-            else:
-                # OBJ viewers disagree on whether Kd tints map_Kd; exporters (Blender) write Kd 0.8 next to the
-                # texture they mean to show, so the texture stands alone.
-                corner_colors = np.ones((len(faces), 3, 3), dtype=np.float32)
-        elif vertex_colors is not None:
-            source = "vertex"
-            corner_colors = _linear_to_srgb(factor * vertex_colors[faces]) if is_gltf else vertex_colors[faces]
-        elif has_factor:
-            source = "material"
-            corner_colors = np.broadcast_to(_linear_to_srgb(factor) if is_gltf else factor, (len(faces), 3, 3))
+        if image is not None and (uv is None or len(uv) != n_vertices):
+            warnings.append(_warning("texture unreadable", "texture image without one UV coordinate per vertex"))
+            image = None
     elif isinstance(visual, trimesh.visual.color.ColorVisuals) and visual.kind in ("vertex", "face"):
-        source = "vertex"  # per-element colours stored in the geometry (vertex or face)
-        if visual.kind == "vertex":
-            colors = np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0  # [V, 3]
-            corner = colors[faces]  # [F, 3, 3]
-        else:
-            colors = np.asarray(visual.face_colors, dtype=np.float64)[:, :3] / 255.0  # [F, 3]
-            corner = np.repeat(colors[:, None], 3, axis=1)  # [F, 3, 3]
         # glTF COLOR_0 is linear by the spec (trimesh stored it as 8-bit ColorVisuals); 8-bit PLY/OBJ colours are sRGB.
-        corner_colors = _linear_to_srgb(corner) if is_gltf else corner
-    return _Part(vertices, faces, np.clip(np.asarray(corner_colors, dtype=np.float32), 0.0, 1.0), corner_uvs,
-                 texture, source)
+        colors_linear = is_gltf
+        if visual.kind == "vertex":
+            vertex_colors = np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0  # [V, 3]
+        else:
+            face_colors = np.asarray(visual.face_colors, dtype=np.float64)[:, :3] / 255.0  # [F, 3]
+
+    def to_srgb(corner: np.ndarray, linear: bool) -> np.ndarray:
+        return _linear_to_srgb(corner) if linear else corner
+
+    corner_uvs, texture = None, None
+    if image is not None:
+        source, texture = "texture", image
+        corner_uvs = uv[faces].astype(np.float32)  # [F, 3, 2]
+        if is_gltf:  # glTF: base colour = baseColorFactor * COLOR_0 * texture, the first two linear
+            corner = np.broadcast_to(factor, (n_faces, 3, 3))
+            if vertex_colors is not None:
+                corner = corner * vertex_colors[faces]
+            corner_colors = _linear_to_srgb(corner)
+        else:
+            corner_colors = np.ones((n_faces, 3, 3), dtype=np.float32)
+    elif vertex_colors is not None or face_colors is not None:
+        source = "vertex"
+        corner = vertex_colors[faces] if vertex_colors is not None else np.repeat(face_colors[:, None], 3, axis=1)
+        if is_gltf and isinstance(visual, trimesh.visual.texture.TextureVisuals):
+            corner = factor * corner  # the material's factor tints COLOR_0
+        corner_colors = to_srgb(corner, colors_linear)
+    elif has_factor:
+        source = "material"
+        corner_colors = np.broadcast_to(_linear_to_srgb(factor) if is_gltf else factor, (n_faces, 3, 3))
+    else:
+        source = "default"
+        corner_colors = np.full((n_faces, 3, 3), NEUTRAL_GREY, dtype=np.float32)
+    corner_colors = np.clip(np.asarray(corner_colors, dtype=np.float32), 0.0, 1.0)  # [F, 3, 3]
+    return ResolvedColors(corner_colors, corner_uvs, texture, source, warnings)
+
+
+def _decoded_image(image, warnings: list[dict]):
+    """``image`` with its pixels decoded (PIL decodes lazily), or None plus a warning when they cannot be."""
+    if image is None:
+        return None
+    try:
+        image.load()
+        return image
+    except Exception as error:
+        name = getattr(image, "info", {}).get("file_path") or getattr(image, "filename", "") or "embedded"
+        warnings.append(_warning("texture unreadable", f"texture image {name!r} cannot be decoded: "
+                                 f"{type(error).__name__}: {error}"))
+        return None
+
+
+def _ply_vertex_colors(geometry: trimesh.Trimesh, n_vertices: int) -> np.ndarray | None:
+    """RGB ``[V, 3]`` in [0, 1] of a PLY's vertex colour properties as parsed (trimesh drops them when the PLY also
+    has UVs and so becomes a textured visual), or None."""
+    raw = geometry.metadata.get("_ply_raw")
+    data = raw.get("vertex", {}).get("data") if isinstance(raw, dict) else None
+    if data is None:
+        return None
+    names = list(data) if isinstance(data, dict) else list(getattr(getattr(data, "dtype", None), "names", None) or [])
+    for rgb in (("red", "green", "blue"), ("r", "g", "b"), ("diffuse_red", "diffuse_green", "diffuse_blue")):
+        if all(c in names for c in rgb):
+            channels = [np.asarray(data[c]).reshape(-1) for c in rgb]
+            if any(len(c) != n_vertices for c in channels):
+                return None
+            colors = np.stack(channels, axis=-1)  # [V, 3]
+            if colors.dtype.kind in "ui":
+                return colors.astype(np.float64) / float(np.iinfo(colors.dtype).max)
+            return colors.astype(np.float64)
+    return None
 
 
 def _check_ply_colors(geometry: trimesh.Trimesh, path: str) -> None:
@@ -495,6 +813,7 @@ def _assemble(parts: list[_Part], path: str) -> Mesh:
         textures=[_image_to_array(im) for im in images],
         color_source=color_source,
         source=path,
+        warnings=_unique([w for p in parts for w in p.warnings]),
     )
 
 

@@ -8,12 +8,19 @@ Per asset (reference §6.2–6.3, with our own renderer in place of Blender):
    and target views are shaded (rgb, alpha, depth);
 3. **pointcloud**: back-project the point-cloud views' albedo and farthest-point-sample ``n_points`` points (only
    the surface pixels that the random candidate subset keeps are shaded: see ``point_cloud_from_fragments``);
-4. **sdf**: ``sdf_uniform`` points uniform in the box and ``sdf_near`` points near the surface, signed positive inside;
+4. **sdf**: ``sdf_uniform`` points uniform in the box and ``sdf_near`` points near the surface, signed positive inside
+   (generalised winding number, so nearly closed meshes get a sensible inside); a mesh with no inside at all (no
+   target > 0: an open sheet, a lamp shade) fails here with "open mesh: no interior, SDF sign undefined";
 5. **write**: encode the record arrays (uint8 images) and write the record, atomically; then the main process
    appends its manifest line.
 
 Cameras are drawn from a generator seeded by the asset id and the global ``seed``, so a rerun (or another shard
 that happens to redo an asset) produces the same record.
+
+A record's manifest line says where the colours came from (``color_source``) and lists the asset's ``warnings``
+(a texture, ``mtllib`` or ``usemtl`` the file names but that could not be used: see
+:func:`shapee.data.mesh.resolve_colors`). A run ends with a summary (records, colour sources, warnings and failures
+by kind) on stderr and in ``summary.json`` beside the manifest.
 
 :func:`prepare_dataset` runs this over a folder / glob of meshes (or the toy world) with resume, sharding, a worker
 pool and a per-asset failure log; ``scripts/prepare_data.py`` is its command line.
@@ -26,6 +33,7 @@ import glob as globlib
 import hashlib
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -37,15 +45,20 @@ from shapee.data.records import (
     AssetRecord,
     append_jsonl,
     arrays_sha256,
+    count_by,
+    failure_kind,
     failures_name,
     file_sha256,
+    folder_summary,
     manifest_name,
     read_failures,
     read_jsonl,
     read_manifests,
     record_relpath,
     remove_stale_temp_files,
+    summary_name,
     unique_ids,
+    write_json_atomic,
     write_jsonl_atomic,
     write_record,
 )
@@ -59,12 +72,17 @@ class PrepareError(ValueError):
 
 
 class AssetFailure(Exception):
-    """One asset failed at one stage; ``message`` is meant for a person reading failures.jsonl."""
+    """One asset failed at one stage; ``message`` is meant for a person reading failures.jsonl, ``kind`` (its head,
+    e.g. "open mesh", "empty mesh") for the summary's failure counts."""
 
     def __init__(self, stage: str, message: str):
         super().__init__(f"{stage}: {message}")
         self.stage = stage
         self.message = message
+        self.kind = failure_kind(message, stage)
+
+
+OPEN_MESH_ERROR = "open mesh: no interior, SDF sign undefined"
 
 
 @dataclass
@@ -175,7 +193,7 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
     from shapee.cameras import BLENDER_FOV, CAMERA_DISTANCE, Cameras, random_cameras
     from shapee.data.pointcloud import point_cloud_from_fragments
     from shapee.data.render import rasterize, shade
-    from shapee.data.sdf import sample_sdf_points
+    from shapee.data.sdf import open_edges, sample_sdf_points
 
     s = settings
     timings: dict[str, float] = {}
@@ -242,6 +260,17 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
         raise AssetFailure("sdf", f"{type(e).__name__}: {e}") from e
     if not (np.isfinite(sdf).all() and np.isfinite(sdf_points).all()):
         raise AssetFailure("sdf", "non-finite signed distances")
+    if not (sdf > 0).any():
+        # The winding number never exceeds 1/2 (a sheet, a shade whose faces point inwards): no point is inside, so
+        # the targets would teach an SDF without a zero level set. Such an asset is refused, not recorded silently.
+        raise AssetFailure("sdf", f"{OPEN_MESH_ERROR} (none of {len(sdf)} SDF samples is inside the mesh; "
+                           "it has no closed or nearly closed part)")
+    sdf_warnings = []
+    n_open = open_edges(mesh.vertices, mesh.faces)
+    if n_open:  # kept, but said: the inside is what the winding number makes of the holes
+        sdf_warnings.append({"kind": "open mesh", "message": (
+            f"mesh is not closed ({n_open} boundary or non-manifold edges): the SDF sign comes from the generalised "
+            f"winding number ({float((sdf > 0).mean()):.1%} of SDF samples inside)")})
     timings["sdf"], timings["sdf_cpu"] = time.perf_counter() - t0, time.process_time() - c0
 
     # ---- write, first half: encode the record arrays (the file itself is written by the caller, who adds its time)
@@ -258,6 +287,7 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
         camera_distance=CAMERA_DISTANCE,
         seed=seed,
         color_source=getattr(mesh, "color_source", "default"),
+        warnings=list(getattr(mesh, "warnings", [])) + sdf_warnings,
         n_faces=int(len(mesh.faces)),
         settings=asdict(s),
     )
@@ -330,6 +360,8 @@ def _prepare_source(item: AssetSource, out_dir: Path, settings: PrepareSettings)
         n_sdf=int(arrays["sdf"].shape[0]),
         captions=list(item.captions),
         timings={k: round(v, 4) for k, v in timings.items()},
+        color_source=str(meta.get("color_source", "")),
+        warnings=list(meta.get("warnings", [])),
     )
 
 
@@ -504,10 +536,11 @@ def _work(args: tuple[AssetSource, str, dict]) -> dict:
         rec = _prepare_source(item, Path(out_dir), PrepareSettings(**settings))
         return {"record": asdict(rec)}
     except AssetFailure as e:
-        return {"failure": {"asset": item.asset_id, "source": item.source, "stage": e.stage, "error": e.message}}
+        return {"failure": {"asset": item.asset_id, "source": item.source, "stage": e.stage, "kind": e.kind,
+                            "error": e.message}}
     except Exception as e:  # a bug outside the guarded stages: still one asset's failure, never the run's
         return {"failure": {"asset": item.asset_id, "source": item.source, "stage": "internal",
-                            "error": f"{type(e).__name__}: {e}"}}
+                            "kind": "internal error", "error": f"{type(e).__name__}: {e}"}}
 
 
 def _run_pool(tasks: list, workers: int):
@@ -612,6 +645,9 @@ def prepare_dataset(cfg: Mapping) -> dict:
     tasks = [(s, str(out_dir), settings_dict) for s in todo]
     n_ok, n_failed = 0, 0
     step_sums: dict[str, float] = {}
+    sources_used: list[str] = []
+    warning_kinds: list[str] = []
+    failure_kinds: list[str] = []
     bar = tqdm(total=len(tasks), desc="prepare", unit="asset", disable=not cfg.get("progress", True), dynamic_ncols=True)
     try:
         if workers > 1 and len(tasks) > 1:
@@ -622,11 +658,14 @@ def prepare_dataset(cfg: Mapping) -> dict:
             if "record" in result:
                 append_jsonl(manifest_path, result["record"])
                 n_ok += 1
+                sources_used.append(result["record"].get("color_source") or "unknown")
+                warning_kinds.extend(w.get("kind", "unknown") for w in result["record"].get("warnings", []))
                 for k, v in result["record"]["timings"].items():
                     step_sums[k] = step_sums.get(k, 0.0) + v
             else:
                 append_jsonl(failures_path, result["failure"])
                 n_failed += 1
+                failure_kinds.append(result["failure"].get("kind") or result["failure"]["stage"])
                 bar.write(f"failed {result['failure']['asset']} [{result['failure']['stage']}]: "
                           f"{result['failure']['error']}")
             bar.update(1)
@@ -634,7 +673,7 @@ def prepare_dataset(cfg: Mapping) -> dict:
     finally:
         bar.close()
 
-    return {
+    summary = {
         "out": str(out_dir),
         "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
         "total": len(sources),
@@ -646,4 +685,33 @@ def prepare_dataset(cfg: Mapping) -> dict:
         "records": len(read_manifests(out_dir)),
         "seconds": round(time.perf_counter() - started, 3),
         "mean_timings": {k: round(v / n_ok, 4) for k, v in step_sums.items()} if n_ok else {},
+        # This run's records and failures, counted (the manifest and failure lines hold the details).
+        "color_sources": count_by(sources_used),
+        "warnings": count_by(warning_kinds),
+        "failures_by_kind": count_by(failure_kinds),
+        # The same counts over everything under `out` (all shards, all runs so far).
+        "folder": folder_summary(out_dir),
     }
+    write_json_atomic(out_dir / summary_name(shard), summary)
+    print(summary_text(summary), file=sys.stderr, flush=True)
+    return summary
+
+
+def summary_text(summary: dict) -> str:
+    """The few lines a run ends with: records written, colour sources, warnings and failures by kind."""
+
+    def counts(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items()) if d else "none"
+
+    folder = summary["folder"]
+    return "\n".join([
+        f"prepare_data: {summary['prepared']} records written, {summary['failed']} failed, "
+        f"{summary['skipped_done'] + summary['skipped_failed']} skipped (done or failed before) "
+        f"in {summary['seconds']:.1f} s",
+        f"  colour sources: {counts(summary['color_sources'])}",
+        f"  warnings by kind: {counts(summary['warnings'])}",
+        f"  failures by kind: {counts(summary['failures_by_kind'])}",
+        f"  folder {summary['out']}: {folder['records']} records ({folder['assets_with_warnings']} with warnings), "
+        f"{folder['failures']} failures; details in manifest*.jsonl (warnings, color_source), failures*.jsonl, "
+        f"{summary_name(None if summary['shard'] is None else tuple(map(int, summary['shard'].split('/'))))}",
+    ])

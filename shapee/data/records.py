@@ -6,6 +6,8 @@ Layout of a prepared dataset folder::
       records/<asset_id>.npz          one self-contained record per asset (uncompressed npz, no pickles)
       manifest.jsonl                  one line per finished record (``manifest-<i>-of-<n>.jsonl`` per shard)
       failures.jsonl                  one line per asset that could not be prepared (``failures-<i>-of-<n>.jsonl``)
+      summary.json                    counts of the last run and of the whole folder (``summary-<i>-of-<n>.json``):
+                                      records, colour sources, warnings by kind, failures by kind
 
 A record is written to ``<asset_id>.npz.tmp`` and ``os.replace``'d into place, so a reader (or a restarted run) sees
 either the whole record or none. Its manifest line is appended only after the record is in place: a record without a
@@ -83,6 +85,11 @@ class AssetRecord:
     # Seconds per step (load, render, pointcloud, sdf, write, total) and the process CPU seconds of each ("<step>_cpu",
     # all threads): wall time says how long it took, CPU time how much machine it took (robust to other load).
     timings: dict[str, float] = field(default_factory=dict)
+    # Where the colours came from ("texture" | "vertex" | "material" | "default", see shapee.data.mesh.resolve_colors;
+    # "" in manifests written before this field existed) and what went wrong on the way: sources the file declared
+    # but that could not be used, loader messages: [{"kind": ..., "message": ...}].
+    color_source: str = ""
+    warnings: list[dict] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -239,6 +246,10 @@ def failures_name(shard: tuple[int, int] | None = None) -> str:
     return f"failures{shard_suffix(shard)}.jsonl"
 
 
+def summary_name(shard: tuple[int, int] | None = None) -> str:
+    return f"summary{shard_suffix(shard)}.json"
+
+
 def append_jsonl(path: str | os.PathLike, entry: dict) -> None:
     """Append one JSON line durably. If a killed writer left a torn last line, start on a fresh line after it."""
     path = Path(path)
@@ -309,6 +320,48 @@ def read_manifests(root: str | os.PathLike, require_record: bool = True) -> dict
                 continue
             records[rec.asset_id] = rec
     return records
+
+
+def count_by(values: Iterable[str]) -> dict[str, int]:
+    """``{value: count}``, most frequent first (ties by name): the shape of every "by kind" count of a summary."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def failure_kind(error: str, stage: str = "") -> str:
+    """A short, countable kind of a failure message: its head before the first ``:`` or `` (`` (``"empty mesh"``,
+    ``"no faces"``, ``"open mesh"``, ``"NaN in vertex colours"``), or the stage when the message has no short head."""
+    head = re.split(r":| \(", str(error), maxsplit=1)[0].strip()
+    return head if 0 < len(head) <= 60 else (stage or "unknown")
+
+
+def folder_summary(root: str | os.PathLike) -> dict:
+    """Counts over every manifest and failure log under ``root``: ``records``, ``color_sources``, ``warnings`` (by
+    kind, over all records' warnings), ``assets_with_warnings``, ``failures`` and ``failures_by_kind``."""
+    records = read_manifests(root)
+    failures = read_failures(root)
+    return {
+        "records": len(records),
+        "color_sources": count_by(r.color_source or "unknown" for r in records.values()),
+        "warnings": count_by(w.get("kind", "unknown") for r in records.values() for w in r.warnings),
+        "assets_with_warnings": sum(bool(r.warnings) for r in records.values()),
+        "failures": len(failures),
+        "failures_by_kind": count_by(e.get("kind") or failure_kind(e.get("error", ""), e.get("stage", ""))
+                                     for e in failures.values()),
+    }
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_failures(root: str | os.PathLike) -> dict[str, dict]:

@@ -49,6 +49,7 @@ __all__ = [
     "unsigned_distance",
     "signed_distance",
     "sample_sdf_points",
+    "open_edges",
     "solid_angle",
     "point_triangle_distance",
 ]
@@ -536,6 +537,22 @@ def signed_distance(vertices, faces, points, *, method: str = "fast") -> np.ndar
     if method not in ("fast", "certified"):
         raise ValueError(f"method must be 'fast', 'certified' or 'exact', got {method!r}")
     return MeshSDF(vertices, faces, device=_device_of(points)).signed_distance(points, certify=method == "certified")
+
+
+def open_edges(vertices, faces) -> int:
+    """Number of edges not shared by exactly two faces (boundary or non-manifold edges); 0 for a closed mesh.
+
+    Corners at the same position count as one vertex (files split vertices along UV seams and normal creases).
+    ``vertices`` ``[V, 3]``, ``faces`` ``[F, 3]`` numpy arrays.
+    """
+    positions = np.ascontiguousarray(np.asarray(vertices, dtype=np.float64) + 0.0)  # + 0.0: -0.0 becomes 0.0
+    faces = np.asarray(faces, dtype=np.int64)
+    # One 24-byte key per position (1-D unique is far faster than unique over rows).
+    _, welded = np.unique(positions.view(np.dtype((np.void, 24))).reshape(-1), return_inverse=True)
+    f = welded.reshape(-1)[faces]  # [F, 3] id of each corner's position
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)  # [3F, 2] undirected
+    _, counts = np.unique(edges[:, 0] * (int(welded.max()) + 1) + edges[:, 1], return_counts=True)
+    return int((counts != 2).sum())
 
 
 def _device_of(points) -> torch.device | None:
