@@ -80,7 +80,8 @@ def slugify(text: str, max_len: int = 48) -> str:
 # ------------------------------------------------------------------------------------------------- loading
 def load_prior(path: str | os.PathLike, *, official_name: str | None = None, device: str | torch.device = "cpu"):
     """A :class:`~shapee.models.LatentDiffusion` (eval mode) from our snapshot, our full checkpoint (its EMA weights),
-    or a released-layout state dict (``wrapped.*`` keys; ``official_name`` = ``text300M`` / ``image300M``).
+    a released-layout state dict (``wrapped.*`` keys; ``official_name`` = ``text300M`` / ``image300M``), or a diffusers
+    Shap-E folder (its ``prior/``).
 
     Raises:
         FileNotFoundError: no such file. :class:`~shapee.io.CheckpointError`: unreadable, holds another model, or
@@ -93,6 +94,11 @@ def load_prior(path: str | os.PathLike, *, official_name: str | None = None, dev
     from shapee.io.safe import build_model, is_model_file
 
     path = Path(path)
+    if path.is_dir():
+        from shapee.io.diffusers_format import is_diffusers_folder, load_diffusers_prior
+
+        if is_diffusers_folder(path):
+            return load_diffusers_prior(path, device=device)
     if not path.is_file():
         raise FileNotFoundError(f"prior checkpoint {str(path)!r} does not exist (or is not a file)")
     if path.suffix == ".safetensors":
@@ -120,8 +126,8 @@ def load_prior(path: str | os.PathLike, *, official_name: str | None = None, dev
 def _load_decoder(path: str | os.PathLike, device: torch.device):
     from shapee.train.extract import load_transmitter
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"decoder (transmitter) checkpoint {str(path)!r} does not exist (or is not a file)")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"decoder (transmitter) checkpoint {str(path)!r} does not exist")
     return load_transmitter(path, encoder_format="auto", device=device)
 
 
@@ -473,7 +479,16 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError('give exactly one of prompt="a red cube" (or a list of prompts) and image=<path>')
     checkpoint = cfg.get("checkpoint", "ours")
     if checkpoint not in ("ours", "official"):
-        raise ValueError(f"checkpoint must be 'ours' or 'official', got {checkpoint!r}")
+        from shapee.io.diffusers_format import is_diffusers_folder
+
+        if not is_diffusers_folder(str(checkpoint)):
+            raise ValueError(
+                f"checkpoint must be 'ours', 'official' or a diffusers Shap-E folder (with prior/ and "
+                f"shap_e_renderer/), got {checkpoint!r}"
+            )
+        # Both models from the folder, unless one is given on its own.
+        cfg["prior"] = cfg.get("prior") or str(checkpoint)
+        cfg["transmitter"] = cfg.get("transmitter") or str(checkpoint)
     formats = ["." + str(f).lower().lstrip(".") for f in _as_list(cfg.get("formats", ["glb", "ply"]))]
     unknown = [f for f in formats if f not in MESH_FORMATS]
     if unknown:
@@ -492,6 +507,8 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
         prior=cfg.get("prior"), decoder=cfg.get("transmitter"), device=cfg.get("device", "auto"),
         official=checkpoint == "official", cache_dir=cfg.get("cache_dir"),
     )
+    if cfg.get("clip"):
+        pipe.prior.use_clip(dict(cfg["clip"]))
     timings["load"] = time.perf_counter() - t
     generation = pipe.generate(
         inputs, n=int(cfg.get("n", 1)), seed=int(cfg.get("seed", 0)), guidance_scale=cfg.get("guidance_scale"),

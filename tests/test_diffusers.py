@@ -145,3 +145,42 @@ def test_export_to_diffusers_round_trips_bitwise(tmp_path):
     own = transmitter.state_dict()
     decoder_keys = [k for k in own if k.startswith(("params_proj.", "nerstf.", "void_background"))]
     assert decoder_keys and all(torch.equal(decoder.state_dict()[k], own[k]) for k in decoder_keys)
+
+
+def test_sample_with_a_diffusers_folder_gives_the_snapshots_latents_and_a_mesh(tmp_path):
+    # A tiny prior + decoder exported to a diffusers folder; sample.py's function with checkpoint=<folder> makes the
+    # same latents as with the snapshots themselves (same seed), and a mesh.
+    from safetensors.torch import load_file
+
+    import shapee.io
+    from shapee.pipeline import sample_assets
+    from test_pipeline import save_box_decoder, save_prior
+    from test_sample import sample_cfg
+
+    prior_path, decoder_path = save_prior(tmp_path / "prior.pt"), save_box_decoder(tmp_path / "decoder.pt")
+    prior = shapee.io.load(prior_path)
+    folder = export_diffusers(tmp_path / "diffusers", prior=prior, transmitter=shapee.io.load(decoder_path))
+    common = ["prompt=a red cube", "guidance_scale=3.0", "steps=2", "grid_size=10", "render_views=0", "device=cpu", "formats=[ply]"]
+    ours = sample_assets(sample_cfg(*common, f"prior={prior_path}", f"transmitter={decoder_path}",
+                                    f"out={tmp_path / 'ours'}"))
+    cfg = sample_cfg(*common, f"checkpoint={folder}", f"out={tmp_path / 'theirs'}")
+    cfg["clip"] = dict(prior._clip.kwargs)  # a diffusers folder carries no open_clip choice: the tiny test CLIP
+    theirs = sample_assets(cfg)
+    a = load_file(ours["files"][0]["latent"])
+    b = load_file(theirs["files"][0]["latent"])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert theirs["files"][0]["faces"] == ours["files"][0]["faces"] > 0
+
+
+def test_export_script_writes_a_folder_diffusers_loads(tmp_path):
+    from _tiny_data import run_script
+    from test_pipeline import save_box_decoder, save_prior
+
+    prior_path, decoder_path = save_prior(tmp_path / "prior.pt"), save_box_decoder(tmp_path / "decoder.pt")
+    proc = run_script("export.py", "format=diffusers", f"prior={prior_path}", f"transmitter={decoder_path}",
+                      f"out={tmp_path / 'out'}")
+    assert "wrote" in proc.stdout
+    assert PriorTransformer.from_pretrained(tmp_path / "out" / "prior").config.num_embeddings == 128
+    assert ShapERenderer.from_pretrained(tmp_path / "out" / "shap_e_renderer").config.d_hidden > 0
+    bad = run_script("export.py", "format=onnx", f"out={tmp_path / 'x'}", check=False)
+    assert bad.returncode == 2 and "format='onnx' is not supported" in bad.stderr and "Traceback" not in bad.stderr

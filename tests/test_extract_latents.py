@@ -176,9 +176,13 @@ def test_official_layout_encoder_gives_the_same_latents(inputs, text_out, tmp_pa
         load_transmitter(official_path, encoder_format="shapee", official=official)
     with pytest.raises(EncoderLoadError, match="is a shapee 'shapee.snapshot' file"):
         load_transmitter(encoder, encoder_format="official")
-    # An official file at other sizes than configured lists the mismatched keys.
+    # Without sizes, the weights' shapes give them (any size loads with one call) ...
+    inferred = load_transmitter(official_path)
+    assert all(torch.equal(inferred.state_dict()[k], v) for k, v in model.state_dict().items())
+    # ... and sizes passed that contradict the file list the mismatched keys.
+    wrong = dict(official, encoder_kwargs=dict(official["encoder_kwargs"] or {}, mv_hidden=7))
     with pytest.raises(EncoderLoadError, match=r"(?s)transmitter.pt.*shape mismatch"):
-        load_transmitter(official_path)
+        load_transmitter(official_path, official=wrong)
 
 
 def test_bad_encoders_and_inputs_raise_errors_that_name_them(inputs, tmp_path):

@@ -165,6 +165,13 @@ class LatentDiffusion(nn.Module):
         return [self.denoiser]
 
     # ------------------------------------------------------------------------------------------------- CLIP
+    def use_clip(self, clip: Mapping[str, Any], *, clip_seed: int | None = None) -> None:
+        """Swap the frozen CLIP for another (``FrozenCLIP`` kwargs over the default OpenAI ViT-L/14, e.g. a local
+        ``pretrained`` file): for priors whose file carries no CLIP choice (released and diffusers layouts). Built
+        lazily, checked against the denoiser's conditioning shape on first use."""
+        seed = self._clip.seed if clip_seed is None else clip_seed
+        self._clip = _LazyCLIP({**DEFAULT_CLIP, **dict(clip)}, seed=seed)
+
     @property
     def clip(self) -> nn.Module:
         """The frozen CLIP embedder on this model's device (built on first access; checked against the denoiser)."""

@@ -49,12 +49,13 @@ def load_transmitter(
     device: str | torch.device = "cpu",
 ):
     """A :class:`~shapee.models.Transmitter` (eval mode) from one of our snapshots / full checkpoints (its EMA
-    weights) or from a released-layout ``transmitter.pt`` / ``.safetensors``.
+    weights), from a released-layout ``transmitter.pt`` / ``.safetensors`` (any size: read from the shapes), or from a
+    diffusers Shap-E folder (its ``shap_e_renderer/``: a decoder-only transmitter).
 
     Args:
         encoder_format: ``auto`` (detected from the file), ``shapee`` or ``official`` (then the file must be that).
         official: size overrides for an official-layout file: ``encoder_kwargs``, ``mlp_kwargs``,
-            ``params_proj_kwargs`` (released sizes by default; tests use tiny ones).
+            ``params_proj_kwargs``, ``config`` (the official YAML); sizes the weights show are read from them.
 
     Raises:
         EncoderLoadError: naming the file: missing, unreadable, wrong format, not a transmitter, or weights that do
@@ -63,13 +64,18 @@ def load_transmitter(
             (refused before anything runs, see :func:`shapee.io.safe.build_model`), or a newer format version.
     """
     from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
-    from shapee.io.official import OfficialCheckpointError, transmitter_modules_from_state_dict
+    from shapee.io.diffusers_format import is_diffusers_folder, load_diffusers_transmitter
+    from shapee.io.official import OfficialCheckpointError, load_official
     from shapee.io.safe import build_model
-    from shapee.models.transmitter import Transmitter
 
     if encoder_format not in ENCODER_FORMATS:
         raise ValueError(f"encoder_format must be one of {ENCODER_FORMATS}, got {encoder_format!r}")
     path = Path(path)
+    if path.is_dir() and is_diffusers_folder(path):  # decoder only: latent → mesh/renders, no encoder
+        try:
+            return load_diffusers_transmitter(path, device=device)
+        except (OfficialCheckpointError, FileNotFoundError) as e:
+            raise EncoderLoadError(f"encoder={str(path)!r}: {e}") from e
     if not path.is_file():
         raise EncoderLoadError(f"encoder checkpoint {str(path)!r} does not exist (or is not a file)")
     try:
@@ -98,18 +104,10 @@ def load_transmitter(
             hint=" (give the encoder's snapshot, e.g. runs/encoder_nerf/checkpoints/snapshot.pt)",
         )
     else:
-        official = dict(official or {})
-        try:
-            modules = transmitter_modules_from_state_dict(obj, **official)
+        try:  # sizes from the weights' shapes (any size loads), ``official`` overrides them
+            model = load_official("transmitter", obj, **dict(official or {}))
         except OfficialCheckpointError as e:
             raise EncoderLoadError(f"encoder={str(path)!r} is not an official transmitter state dict: {e}") from e
-        with torch.device("meta"):
-            model = Transmitter(
-                encoder=official.get("encoder_kwargs"),
-                mlp=official.get("mlp_kwargs"),
-                params_proj=official.get("params_proj_kwargs"),
-            )
-        model.load_state_dict(modules.state_dict(), strict=True, assign=True)
     return model.to(device).eval()
 
 
