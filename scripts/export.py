@@ -14,7 +14,7 @@ def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
     from shapee.io import CheckpointError, OfficialCheckpointError
-    from shapee.train.extract import EncoderLoadError
+    from shapee.io.loading import EncoderLoadError
 
     def fail(message: str) -> None:
         print(f"export: error: {message}", file=sys.stderr)
@@ -31,8 +31,7 @@ def main(cfg: DictConfig) -> None:
             fail(f"{key}={cfg[key]!r} does not exist")
 
     from shapee.io.diffusers_format import export_diffusers
-    from shapee.pipeline import load_prior
-    from shapee.train.extract import load_transmitter
+    from shapee.io.loading import load_prior, load_transmitter
 
     try:
         prior = load_prior(cfg.prior, official_name=cfg.prior_official) if cfg.prior else None

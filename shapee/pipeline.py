@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from shapee.cameras import orbit_cameras
+from shapee.io.loading import load_prior, load_transmitter  # noqa: F401  (load_prior: re-exported, its old home)
 from shapee.render import stf
 
 __all__ = [
@@ -78,54 +79,7 @@ def slugify(text: str, max_len: int = 48) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_prior(path: str | os.PathLike, *, official_name: str | None = None, device: str | torch.device = "cpu"):
-    """A :class:`~shapee.models.LatentDiffusion` (eval mode) from our snapshot, our full checkpoint (its EMA weights),
-    a released-layout state dict (``wrapped.*`` keys; ``official_name`` = ``text300M`` / ``image300M``), or a diffusers
-    Shap-E folder (its ``prior/``).
-
-    Raises:
-        FileNotFoundError: no such file. :class:`~shapee.io.CheckpointError`: unreadable, holds another model, or
-            its config names code other than a shapee model class (refused before anything runs, see
-            :func:`shapee.io.safe.build_model`).
-        :class:`~shapee.io.OfficialCheckpointError`: a released-layout file whose keys/shapes do not fit.
-    """
-    from shapee.io.checkpoint import CheckpointError, _safe_load
-    from shapee.io.official import load_official
-    from shapee.io.safe import build_model, is_model_file
-
-    path = Path(path)
-    if path.is_dir():
-        from shapee.io.diffusers_format import is_diffusers_folder, load_diffusers_prior
-
-        if is_diffusers_folder(path):
-            return load_diffusers_prior(path, device=device)
-    if not path.is_file():
-        raise FileNotFoundError(f"prior checkpoint {str(path)!r} does not exist (or is not a file)")
-    if path.suffix == ".safetensors":
-        if official_name is None:
-            raise CheckpointError(f"prior={str(path)!r}: a .safetensors prior must be in the released layout")
-        return load_official(official_name, path, device=device).eval()
-    obj = _safe_load(path, map_location="cpu")
-    kind = obj.get("format") if isinstance(obj, Mapping) else None
-    if is_model_file(obj):
-        model = build_model(
-            obj, source=f"prior={str(path)!r}", expected="shapee.models.LatentDiffusion",
-            hint=" (give the prior's snapshot, e.g. runs/prior_text/checkpoints/snapshot.pt)",
-        )
-        return model.to(device).eval()
-    if isinstance(obj, Mapping) and any(str(k).startswith("wrapped.") for k in obj):
-        if official_name is None:
-            raise CheckpointError(f"prior={str(path)!r} is a released-layout state dict; say which (text300M/image300M)")
-        return load_official(official_name, obj, device=device).eval()
-    raise CheckpointError(
-        f"prior={str(path)!r} is neither a shapee snapshot/checkpoint nor a released text_cond.pt/image_cond.pt state "
-        f"dict (found format {kind!r})"
-    )
-
-
 def _load_decoder(path: str | os.PathLike, device: torch.device):
-    from shapee.train.extract import load_transmitter
-
     if not Path(path).exists():
         raise FileNotFoundError(f"decoder (transmitter) checkpoint {str(path)!r} does not exist")
     return load_transmitter(path, encoder_format="auto", device=device)

@@ -24,7 +24,7 @@ from shapee.io import ALLOWED_MODELS, CheckpointError, build_model, check_model_
 from shapee.io.checkpoint import SNAPSHOT_FORMAT, atomic_torch_save, save_checkpoint, save_snapshot
 from shapee.models import LatentDiffusion, Transmitter
 from shapee.models.pointe_sdf import PointESDF
-from shapee.models.transmitter import load_sdf_teacher
+from shapee.io.loading import load_sdf_teacher
 from shapee.pipeline import TextTo3D, load_prior
 from shapee.train.extract import load_transmitter
 from test_pipeline import prior_config, save_box_decoder, save_prior

@@ -182,3 +182,25 @@ def test_inference_entry_points_build_no_autograd_graph():
     params = model.decode_params(latent)
     losses = model.nerf_losses(make_batch(), params)
     assert losses["nerf_rgb_fine"].requires_grad  # training keeps its graph (render_rays, not render_nerf)
+
+
+def test_pointe_teacher_is_given_through_the_one_loader_not_loaded_by_the_model(tmp_path):
+    # The model never reads files (models/ imports nothing from io/): the trainer loads teacher_checkpoint with
+    # shapee.io.load_model(..., expect="pointe_sdf") and hands the module over.
+    import shapee.io
+    from shapee.models.pointe_sdf import PointESDF
+
+    tiny_pointe = dict(width=16, encoder_layers=1, encoder_heads=2, decoder_layers=1, decoder_heads=2, n_ctx=24)
+    teacher = PointESDF(**tiny_pointe)
+    path = tmp_path / "pointe.pt"
+    shapee.io.save(path, teacher, {"_target_": "shapee.models.pointe_sdf.PointESDF", **tiny_pointe})
+    model = Transmitter(**TINY, stage="distill", teacher="pointe", teacher_checkpoint=str(path))
+    with pytest.raises(RuntimeError, match="use_pointe_teacher"):
+        model.pointe_teacher()
+    loaded = shapee.io.load_model(path, expect="pointe_sdf")
+    model.use_pointe_teacher(loaded)
+    got = model.pointe_teacher()
+    assert got is loaded and not got.training and not any(p.requires_grad for p in got.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), teacher.state_dict().values()))
+    with pytest.raises(Exception, match="PointESDF"):
+        shapee.io.load_model(path, expect="prior")  # the kind is checked and named

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from shapee.eval.metrics import DEFAULT_FSCORE_THRESHOLD, point_set_metrics, psnr_per_item, sample_mesh_points
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
+from shapee.io.loading import load_transmitter
 
 ENCODER_DEFAULTS: dict[str, Any] = dict(
     holdout=None,  # null: every asset of data.root is held out (a separate test folder); int: AssetDataset.split
@@ -248,7 +249,6 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
     "rows", "markdown"}``; each row has the means, ``n_assets``, ``n_empty_meshes`` and the per-asset values.
     """
     from shapee.data.dataset import AssetDataset
-    from shapee.train.extract import load_transmitter
 
     cfg = dict(cfg)
     unknown = sorted(set(cfg) - set(ENCODER_DEFAULTS) - {"ckpt", "data", "out", "task"})

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from shapee.eval.metrics import retrieval_ranks
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
+from shapee.io.loading import load_transmitter
 
 GENERATION_DEFAULTS: dict[str, Any] = dict(
     decoder=None,  # transmitter snapshot / released transmitter.pt that decodes the prior's latents
@@ -169,7 +170,6 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     import shapee.io
     from shapee.cameras import orbit_cameras
     from shapee.models.latent_diffusion import LatentDiffusion
-    from shapee.train.extract import load_transmitter
 
     cfg = dict(cfg)
     unknown = sorted(set(cfg) - set(GENERATION_DEFAULTS) - {"ckpt", "prompts", "out", "task"})

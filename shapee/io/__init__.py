@@ -26,6 +26,7 @@ from shapee.io.checkpoint import (
     save_snapshot,
 )
 from shapee.io.official import OfficialCheckpointError, load_official
+from shapee.io.loading import load_model
 from shapee.io.safe import ALLOWED_MODELS, build_model, check_model_config
 
 
@@ -45,7 +46,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
         CheckpointError: missing, corrupt or not our file; a refused config (naming its key path); weights that do not
             fit the config.
     """
-    return build_model(_safe_load(path, map_location="cpu"), source=f"checkpoint file {str(path)!r}").to(device)
+    return load_model(path, device=device)
 
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "build_model",
     "check_model_config",
     "load",
+    "load_model",
     "load_checkpoint",
     "load_official",
     "load_snapshot",
@@ -64,4 +66,3 @@ __all__ = [
     "save_snapshot",
 ]
 
-from shapee.io import official_priors  # noqa: E402,F401  registers text300M / image300M in OFFICIAL_LOADERS

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shapee.io.official import OfficialCheckpointError
+from shapee.io.layout import OfficialCheckpointError
 
 PRIOR_DIR = "prior"
 RENDERER_DIRS = ("shap_e_renderer", "renderer")

@@ -7,7 +7,7 @@ device (no memory), and loading is strict: exact keys and shapes, with an error 
 unexpected and mismatched key. Files are read with ``torch.load(weights_only=True)`` (or safetensors), never
 unpickling code; :func:`save_official_pointe_sdf` writes the same layout back, so a loaded file round-trips exactly.
 
-Importing this module registers the loader as ``shapee.io.load_official("pointe_sdf", path)``.
+:data:`shapee.io.official.OFFICIAL_LOADERS` names it, so ``shapee.io.load_official("pointe_sdf", path)`` works.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from shapee.io.official import (
-    OFFICIAL_LOADERS,
+from shapee.io.layout import (
     OfficialCheckpointError,  # noqa: F401  (re-exported: the error this module's loaders raise)
     adopt_state_dict,
     read_state_dict_file,
@@ -76,6 +75,3 @@ def load_official_pointe_sdf(
 def save_official_pointe_sdf(model: PointESDF, path: str | os.PathLike) -> None:
     """Write ``model`` in the official ``sdf.pt`` layout (``torch.save`` of a plain CPU tensor dict), atomically."""
     write_state_dict(model.state_dict(), path)
-
-
-OFFICIAL_LOADERS.setdefault("pointe_sdf", pointe_sdf_from_state_dict)

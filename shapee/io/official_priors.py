@@ -12,7 +12,7 @@ Loading is strict (exact keys and shapes, every offending key listed), never unp
 tensors (``assign=True`` on a meta-device model: no random init and no second copy of the ~1.26 GB of weights).
 :func:`save_official_prior` writes the official layout back, so a loaded file round-trips bit for bit.
 
-These loaders are registered in :data:`shapee.io.official.OFFICIAL_LOADERS` by ``shapee/io/__init__.py``, so
+:data:`shapee.io.official.OFFICIAL_LOADERS` names :func:`prior_from_state_dict` for both, so
 ``shapee.io.load_official("text300M", "text_cond.pt")`` works.
 """
 
@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from shapee.io.official import OFFICIAL_LOADERS, adopt_state_dict, write_state_dict
-
-if TYPE_CHECKING:
-    from shapee.models.latent_diffusion import LatentDiffusion
+from shapee.io.layout import adopt_state_dict, read_state_dict_file
+from shapee.io.layout import write_state_dict
+from shapee.models.latent_diffusion import LatentDiffusion
 
 OFFICIAL_PREFIX = "wrapped."
 OUR_PREFIX = "denoiser."
@@ -59,8 +57,6 @@ def to_official_prior_state_dict(model: "LatentDiffusion") -> dict[str, Tensor]:
 
 
 def _build(name: str, **model_kwargs) -> "LatentDiffusion":
-    from shapee.models.latent_diffusion import LatentDiffusion
-
     kwargs = dict(model_kwargs)
     mode = kwargs.pop("cond_mode", _cond_mode(name))
     if mode != _cond_mode(name):
@@ -117,22 +113,10 @@ def save_official_prior(model: "LatentDiffusion", path: str | os.PathLike) -> Pa
 
 
 def load_official_prior(name: str, path_or_state_dict, **kwargs) -> "LatentDiffusion":
-    """``shapee.io.load_official(name, path_or_state_dict, **kwargs)`` for the priors (a path to a ``.pt`` /
-    ``.safetensors`` file or a state dict); see :func:`prior_from_state_dict` for ``kwargs``."""
-    from shapee.io.official import load_official
-
+    """The prior ``name`` from a path to a ``.pt`` / ``.safetensors`` file or a state dict, at the sizes given in
+    ``kwargs`` (see :func:`prior_from_state_dict`); :func:`shapee.io.load_official` also reads the sizes from the
+    weights' shapes."""
     _cond_mode(name)
-    return load_official(name, path_or_state_dict, **kwargs)
-
-
-for _name in PRIOR_COND_MODE:
-    OFFICIAL_LOADERS[_name] = partial(prior_from_state_dict, name=_name)
-
-__all__ = [
-    "PRIOR_COND_MODE",
-    "load_official_prior",
-    "official_prior_keys",
-    "prior_from_state_dict",
-    "save_official_prior",
-    "to_official_prior_state_dict",
-]
+    if not isinstance(path_or_state_dict, Mapping):
+        path_or_state_dict = read_state_dict_file(path_or_state_dict, what=f"official {name} checkpoint")
+    return prior_from_state_dict(path_or_state_dict, name=name, **kwargs)

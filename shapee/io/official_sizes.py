@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
+from shapee.io.layout import OfficialCheckpointError
 from shapee.nn.encoding import POSITION_OCTAVES, nerf_encoding_width
 
 
@@ -32,8 +33,6 @@ def _count(state_dict: Mapping[str, Tensor], pattern: str) -> int:
 
 def _shape(state_dict: Mapping[str, Tensor], key: str, what: str) -> tuple[int, ...]:
     if key not in state_dict:
-        from shapee.io.official import OfficialCheckpointError
-
         raise OfficialCheckpointError(f"{what}: key {key!r} is missing, so the model's sizes cannot be read from it")
     return tuple(state_dict[key].shape)
 

@@ -21,16 +21,66 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from shapee.cameras import Cameras
-from shapee.io.official import TransmitterModules, build_transmitter_modules
+from shapee.encoder.encoder import ChannelsEncoder
+from shapee.implicit.mlp import NeRSTFMLP
+from shapee.implicit.params_proj import ChannelsParamsProj
 from shapee.models.distill_losses import distill_loss, nearest_cloud_colour, teacher_sdf
 from shapee.models.stf_losses import rgba, stf_finetune_loss
 from shapee.render import nerf as nerf_renderer
 from shapee.render import stf
 
 STAGES = ("nerf", "distill", "finetune")
+
+
+class TransmitterModules(nn.Module):
+    """The learned pieces of the released transmitter: ``encoder``, ``params_proj``, ``nerstf`` (+ black background).
+
+    ``latent = encoder(batch)``; ``params = params_proj(latent)``; ``nerstf(params, points)``. The renderers that turn
+    queries into pixels are parameter-free and live in :mod:`shapee.render`.
+    """
+
+    def __init__(self, encoder: ChannelsEncoder, params_proj: ChannelsParamsProj, nerstf: NeRSTFMLP) -> None:
+        super().__init__()
+        if params_proj.latent_ctx != encoder.latent_ctx or params_proj.d_latent != encoder.d_latent:
+            raise ValueError(
+                f"params_proj consumes [{params_proj.latent_ctx}, {params_proj.d_latent}] latents but the encoder makes "
+                f"[{encoder.latent_ctx}, {encoder.d_latent}]"
+            )
+        if dict(params_proj.param_shapes) != nerstf.meta_parameter_shapes():
+            raise ValueError(
+                f"params_proj produces {params_proj.param_shapes} but the MLP needs {nerstf.meta_parameter_shapes()}"
+            )
+        self.encoder = encoder
+        self.params_proj = params_proj
+        self.nerstf = nerstf
+        # The official VoidNeRFModel's background colour: kept only so that checkpoints round-trip exactly.
+        self.register_buffer("void_background", torch.zeros(3))
+
+
+def build_transmitter_modules(
+    *,
+    encoder_kwargs: Mapping | None = None,
+    mlp_kwargs: Mapping | None = None,
+    params_proj_kwargs: Mapping | None = None,
+) -> TransmitterModules:
+    """Transmitter modules at the released sizes, with optional keyword overrides per piece.
+
+    ``latent_ctx`` of the encoder defaults to the MLP's total number of meta rows, and ``d_latent`` of the params
+    projection to the encoder's. Build under ``with torch.device("meta"):`` to get shapes without memory.
+    """
+    mlp = NeRSTFMLP(**dict(mlp_kwargs or {}))
+    shapes = mlp.meta_parameter_shapes()
+    enc_kwargs = dict(encoder_kwargs or {})
+    enc_kwargs.setdefault("latent_ctx", sum(rows for rows, _ in shapes.values()))
+    encoder = ChannelsEncoder(**enc_kwargs)
+    proj_kwargs = dict(params_proj_kwargs or {})
+    proj_kwargs.setdefault("d_latent", encoder.d_latent)
+    params_proj = ChannelsParamsProj(param_shapes=shapes, **proj_kwargs)
+    return TransmitterModules(encoder, params_proj, mlp)
+
 
 
 class Transmitter(TransmitterModules):
@@ -239,13 +289,24 @@ class Transmitter(TransmitterModules):
         nn_rgb = nearest_cloud_colour(batch["points"][..., :3], batch["points"][..., 3:6], points)  # [B, P, 3]
         return distill_loss(self.query(params, points), sdf, nn_rgb)
 
+    def use_pointe_teacher(self, teacher: nn.Module) -> None:
+        """Give the frozen Point-E SDF teacher of ``teacher=pointe`` (the encoder trainer loads
+        ``teacher_checkpoint`` with ``shapee.io.load_model(..., expect="pointe_sdf")`` and passes it here)."""
+        self._teacher_model[:] = [teacher.eval().requires_grad_(False).to(self.void_background.device)]
+
     def pointe_teacher(self):
-        """The frozen Point-E SDF teacher (``teacher=pointe``), loaded on first use; ``None`` for ``teacher=mesh``."""
+        """The frozen Point-E SDF teacher (``teacher=pointe``); ``None`` for ``teacher=mesh``."""
         if self.teacher != "pointe":
             return None
         if not self._teacher_model:
-            self._teacher_model.append(load_sdf_teacher(self.teacher_checkpoint).to(self.void_background.device))
-        return self._teacher_model[0]
+            raise RuntimeError(
+                f"teacher=pointe: no Point-E teacher was given; load teacher_checkpoint={self.teacher_checkpoint!r} "
+                "with shapee.io.load_model(path, expect='pointe_sdf') and pass it to use_pointe_teacher()"
+            )
+        teacher = self._teacher_model[0]
+        if next(teacher.parameters()).device != self.void_background.device:
+            teacher.to(self.void_background.device)
+        return teacher
 
     def sample_target_rays(self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None):
         """``rays_per_asset`` uniformly random pixels of each asset's (non-held-out) target views.
@@ -294,30 +355,3 @@ def batch_cameras(batch: Mapping[str, Tensor], prefix: str = "target") -> list[C
     return [
         Cameras.from_matrix(matrices[b].float(), W, H, float(fov[min(b, fov.numel() - 1)])) for b in range(matrices.shape[0])
     ]
-
-
-def load_sdf_teacher(path: str):
-    """A Point-E SDF teacher from our snapshot (``scripts/train_pointe_sdf.py``) or the official ``sdf.pt`` layout.
-
-    Our files are built by :func:`shapee.io.safe.build_model` (their config checked against the allow-list first);
-    anything else is read as a released state dict, which names no code at all.
-    """
-    from pathlib import Path
-
-    from shapee.io.checkpoint import CheckpointError, _safe_load
-    from shapee.io.official_pointe import load_official_pointe_sdf
-    from shapee.io.safe import build_model, is_model_file
-
-    source = path
-    if Path(path).suffix != ".safetensors":
-        try:
-            obj = _safe_load(path, map_location="cpu")
-        except CheckpointError:
-            obj = None  # missing or unreadable: the official reader below says why, in its own words
-        if is_model_file(obj):
-            model = build_model(
-                obj, source=f"teacher_checkpoint={str(path)!r}", expected="shapee.models.pointe_sdf.PointESDF"
-            )
-            return model.eval().requires_grad_(False)
-        source = obj if isinstance(obj, Mapping) else path
-    return load_official_pointe_sdf(source).eval().requires_grad_(False)

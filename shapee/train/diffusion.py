@@ -22,6 +22,7 @@ from shapee.data.latents import LatentDataset, collate_latents
 from shapee.models.latent_diffusion import LatentDiffusion
 from shapee.train.loop import train
 from shapee.train.rng import seed_everything
+from shapee.io.loading import load_transmitter
 
 _TARGETS = ("shapee.models.LatentDiffusion", "shapee.models.latent_diffusion.LatentDiffusion")
 OFFICIAL_NAME = {"text": "text300M", "image": "image300M"}
@@ -143,7 +144,6 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
 
     decoder = None
     if cfg.get("decoder"):
-        from shapee.train.extract import load_transmitter
 
         decoder = load_transmitter(cfg.decoder)
         have = (decoder.encoder.latent_ctx, decoder.encoder.d_latent)

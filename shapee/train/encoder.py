@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shapee.data.dataset import AssetDataset, collate_assets
 from shapee.eval.metrics import psnr
+from shapee.io.loading import load_model
 from shapee.models.transmitter import Transmitter, batch_cameras
 from shapee.train.loop import train
 from shapee.train.rng import seed_everything
@@ -68,6 +69,8 @@ def train_encoder(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     # the same config gives the same run. Every rank builds the same model (DDP broadcasts rank 0's anyway).
     seed_everything(int(cfg.trainer.seed))
     model = Transmitter(**model_cfg)
+    if model.teacher == "pointe":  # the frozen teacher of stage=distill teacher=pointe, through the one loader
+        model.use_pointe_teacher(load_model(model.teacher_checkpoint, expect="pointe_sdf"))
     stage = cfg.stage.name
     encoder = model.encoder
     dataset = AssetDataset(

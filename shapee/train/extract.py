@@ -34,81 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from shapee.data.latents import read_latent_manifests, write_latent_record
 from shapee.data.records import RecordError, append_jsonl, failures_name, read_failures, read_jsonl, write_jsonl_atomic
 
-ENCODER_FORMATS = ("auto", "shapee", "official")
-
-
-class EncoderLoadError(ValueError):
-    """The ``encoder=`` file is missing, unreadable, or is not a transmitter of the expected format."""
-
-
-def load_transmitter(
-    path: str | os.PathLike,
-    *,
-    encoder_format: str = "auto",
-    official: Mapping[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-):
-    """A :class:`~shapee.models.Transmitter` (eval mode) from one of our snapshots / full checkpoints (its EMA
-    weights), from a released-layout ``transmitter.pt`` / ``.safetensors`` (any size: read from the shapes), or from a
-    diffusers Shap-E folder (its ``shap_e_renderer/``: a decoder-only transmitter).
-
-    Args:
-        encoder_format: ``auto`` (detected from the file), ``shapee`` or ``official`` (then the file must be that).
-        official: size overrides for an official-layout file: ``encoder_kwargs``, ``mlp_kwargs``,
-            ``params_proj_kwargs``, ``config`` (the official YAML); sizes the weights show are read from them.
-
-    Raises:
-        EncoderLoadError: naming the file: missing, unreadable, wrong format, not a transmitter, or weights that do
-            not fit (every mismatched key listed for official files).
-        CheckpointError: our file whose model config names code other than a shapee model class, at any depth
-            (refused before anything runs, see :func:`shapee.io.safe.build_model`), or a newer format version.
-    """
-    from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
-    from shapee.io.diffusers_format import is_diffusers_folder, load_diffusers_transmitter
-    from shapee.io.official import OfficialCheckpointError, load_official
-    from shapee.io.safe import build_model
-
-    if encoder_format not in ENCODER_FORMATS:
-        raise ValueError(f"encoder_format must be one of {ENCODER_FORMATS}, got {encoder_format!r}")
-    path = Path(path)
-    if path.is_dir() and is_diffusers_folder(path):  # decoder only: latent → mesh/renders, no encoder
-        try:
-            return load_diffusers_transmitter(path, device=device)
-        except (OfficialCheckpointError, FileNotFoundError) as e:
-            raise EncoderLoadError(f"encoder={str(path)!r}: {e}") from e
-    if not path.is_file():
-        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} does not exist (or is not a file)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated file, pickled objects refused by weights_only, not a torch file
-        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} cannot be read: {type(e).__name__}: {e}") from e
-    if not isinstance(obj, Mapping):
-        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
-
-    kind = obj.get("format")
-    is_ours = kind in (SNAPSHOT_FORMAT, CHECKPOINT_FORMAT)
-    if encoder_format == "shapee" and not is_ours:
-        raise EncoderLoadError(f"encoder={str(path)!r} is not a shapee snapshot/checkpoint (encoder_format=shapee)")
-    if encoder_format == "official" and is_ours:
-        raise EncoderLoadError(f"encoder={str(path)!r} is a shapee {kind!r} file, not an official state dict")
-
-    if is_ours:
-        # Refused configs raise CheckpointError (naming the key path) before anything is built.
-        model = build_model(
-            obj, source=f"encoder={str(path)!r}", expected="shapee.models.Transmitter", error=EncoderLoadError,
-            hint=" (give the encoder's snapshot, e.g. runs/encoder_nerf/checkpoints/snapshot.pt)",
-        )
-    else:
-        try:  # sizes from the weights' shapes (any size loads), ``official`` overrides them
-            model = load_official("transmitter", obj, **dict(official or {}))
-        except OfficialCheckpointError as e:
-            raise EncoderLoadError(f"encoder={str(path)!r} is not an official transmitter state dict: {e}") from e
-    return model.to(device).eval()
+# The transmitter loader lives with the other loaders in shapee.io.loading; re-exported here for old imports.
+from shapee.io.loading import ENCODER_FORMATS, EncoderLoadError, load_transmitter  # noqa: E402,F401
 
 
 def _device(name: str) -> torch.device:
