@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from shapee.cameras import orbit_cameras
+from shapee.runtime import resolve_device, sync  # noqa: F401  (resolve_device: re-exported, its old home)
 from shapee.io.loading import load_prior, load_transmitter  # noqa: F401  (load_prior: re-exported, its old home)
 from shapee.render import stf
 
@@ -57,19 +58,6 @@ DECODERS = ("stf", "nerf")
 # Iso-level of the NeRF density mesh, in 1/world-units (objects span [-1, 1]). At σ = 10 a slab 0.07 thick (3.5 % of
 # the object's size) is 50 % opaque: the level sits where the volume render turns from see-through to solid.
 NERF_DENSITY_LEVEL = 10.0
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/``None`` → ``cuda`` when available, else ``cpu``; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that wall-clock timings belong to the step that launched it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def slugify(text: str, max_len: int = 48) -> str:
@@ -230,7 +218,7 @@ class _To3D(ABC):
 
         t = time.perf_counter()
         cond = self._embed(items)  # [P, *cond_shape]
-        _sync(self.device)
+        sync(self.device)
         timings["clip"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -239,13 +227,13 @@ class _To3D(ABC):
             cond, n=n, guidance_scale=guidance_scale, steps=steps, sampler=sampler, generator=generator,
             progress=progress, cuda_graph=cuda_graph,
         )  # [P·n, n_ctx, d_latent]
-        _sync(self.device)
+        sync(self.device)
         timings["sampling"] = time.perf_counter() - t
 
         t = time.perf_counter()
         raw = self.extract_meshes(latents, decoder=decoder, grid_size=grid_size)  # S × (verts, faces, colours)
         meshes = [_to_trimesh(v, f, c) for v, f, c in raw]
-        _sync(self.device)
+        sync(self.device)
         timings["mesh"] = time.perf_counter() - t
 
         frames = None
@@ -253,7 +241,7 @@ class _To3D(ABC):
             t = time.perf_counter()
             frames = self.render_turntables(latents, raw, decoder=decoder, views=render_views,
                                             resolution=render_resolution)
-            _sync(self.device)
+            sync(self.device)
             timings["render"] = time.perf_counter() - t
         sources = [label for label in labels for _ in range(n)]
         return Generation(latents=latents, meshes=meshes, sources=sources, frames=frames, timings=timings)

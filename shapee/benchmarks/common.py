@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from shapee.runtime import autocast_dtype, resolve_device, sync  # noqa: F401  (the policies' one home)
+
 # Dense bf16 tensor-core peak of a device, FLOP/s, by a substring of ``torch.cuda.get_device_name`` (vendor data
 # sheets, without sparsity). Longest match wins, so "H100 PCIe" is not read as "H100".
 BF16_PEAK_FLOPS = {
@@ -28,14 +30,6 @@ BF16_PEAK_FLOPS = {
 }
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → CUDA when present, else CPU."""
-    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int) -> list[float]:

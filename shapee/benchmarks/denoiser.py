@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from shapee.runtime import autocast_dtype, resolve_device
+
 IMAGE_DEFAULTS = {"heads": 8, "cond_dim": 1024}  # image300M: head dim 128, CLIP ViT-L/14 patch width (§8.3.11)
 
 
@@ -99,10 +101,10 @@ def bench_denoiser(
         raise ValueError("cuda_graph=True needs warmup >= 1 (the capture must follow an eager call)")
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if cuda_graph and dev.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got {dev}")
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = autocast_dtype(precision, dev) == torch.bfloat16
     kwargs = {**(IMAGE_DEFAULTS if cond == "image" else {}), **model_overrides, "cond_mode": cond}
     model = LatentDenoiser(**kwargs).to(dev).eval()
     n_params = sum(p.numel() for p in model.parameters())

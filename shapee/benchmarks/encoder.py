@@ -13,35 +13,11 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 
+from shapee.benchmarks.common import autocast_dtype, resolve_device, timed
 from shapee.cameras import random_cameras
-
-
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def _peak_rss_gb() -> float:
@@ -81,8 +57,8 @@ def bench_encoder(
     """Parameters, forward and forward+backward seconds and peak memory of the encoder (released size by default)."""
     from shapee.models import Transmitter
 
-    dev = _device(device)
-    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()) else None
+    dev = resolve_device(device)
+    dtype = autocast_dtype(precision, dev) if precision != "fp16" else None
     enc = dict(n_points=n_points, n_views=n_views, image_size=image_size, checkpoint=checkpoint, **(encoder_kwargs or {}))
     model = Transmitter(encoder=enc).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
@@ -106,7 +82,7 @@ def bench_encoder(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     rss0 = _peak_rss_gb()
-    times = _timed(forward, dev, repeats, warmup)
+    times = timed(forward, dev, repeats=repeats, warmup=warmup)
     result["forward"] = {"seconds_median": statistics.median(times), "seconds": times,
                          "seconds_per_asset": statistics.median(times) / batch_size,
                          **_memory(dev, rss0, batch_size)}
@@ -122,7 +98,7 @@ def bench_encoder(
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         rss0 = _peak_rss_gb()
-        times = _timed(forward_backward, dev, repeats, warmup)
+        times = timed(forward_backward, dev, repeats=repeats, warmup=warmup)
         result["forward_backward"] = {"seconds_median": statistics.median(times), "seconds": times,
                                       "seconds_per_asset": statistics.median(times) / batch_size,
                                       **_memory(dev, rss0, batch_size)}
@@ -166,8 +142,8 @@ def bench_nerf(
     from shapee.implicit import ChannelsParamsProj, NeRSTFMLP
     from shapee.render.nerf import BOTH_LEVELS, render_views
 
-    dev = _device(device)
-    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()) else None
+    dev = resolve_device(device)
+    dtype = autocast_dtype(precision, dev) if precision != "fp16" else None
     with torch.random.fork_rng(devices=[]):  # seeded inits (the same field every run), caller's RNG untouched
         torch.manual_seed(0)
         mlp = NeRSTFMLP(**(mlp_kwargs or {})).to(dev).eval()
@@ -200,7 +176,7 @@ def bench_nerf(
         cpu_times.append(time.process_time() - c0)
         return images
 
-    times = _timed(render, dev, repeats, warmup)
+    times = timed(render, dev, repeats=repeats, warmup=warmup)
     median = statistics.median(times)
     rays = n_assets * resolution * resolution
     result = {

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from shapee.benchmarks.common import (
+    autocast_dtype,
     bf16_peak_flops,
     count_flops,
     machine,
@@ -135,7 +136,7 @@ def bench_training(
         from shapee.train.loop import compile_for_training
 
         compile_for_training(net)  # what trainer.compile=true compiles
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = autocast_dtype(precision, dev) == torch.bfloat16
     params = [p for p in net.parameters() if p.requires_grad]
     from shapee.train.loop import use_fused_adamw
 

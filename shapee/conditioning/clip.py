@@ -22,22 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shapee.runtime import precision_dtype
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class CLIPUnavailableError(RuntimeError):
     """The CLIP weights could not be loaded (offline, missing file): the message says what to do."""
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 class FrozenCLIP(nn.Module):
@@ -90,7 +82,7 @@ class FrozenCLIP(nn.Module):
                 ) from error
             self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model = model.eval().requires_grad_(False)
-        self.dtype = _resolve_dtype(dtype, device)
+        self.dtype = precision_dtype(dtype, device)
         self.model.to(device=device, dtype=self.dtype)
         visual = self.model.visual
         self.image_size = int(visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size)

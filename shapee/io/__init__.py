@@ -18,7 +18,6 @@ from torch import nn
 
 from shapee.io.checkpoint import (
     CheckpointError,
-    _safe_load,
     load_checkpoint,
     load_snapshot,
     load_weights,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT, CheckpointError, _safe_load

@@ -20,10 +20,8 @@ a loaded file round-trips bit for bit.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Mapping
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from shapee.diffusion import SAMPLERS, GaussianDiffusion, guided_denoiser
 from shapee.diffusion.cuda_graph import CUDAGraphDenoiser, maybe_cuda_graphed
 from shapee.models.denoiser import LatentDenoiser
+from shapee.runtime import autocast_dtype
 
 # The released priors' sizes (reference §5.1): everything but the heads and the conditioning width is shared.
 OFFICIAL_DENOISER = dict(d_latent=1024, n_ctx=1024, width=1024, layers=24, init_scale=0.25, pos_emb_init_scale=0.05,
@@ -76,17 +77,6 @@ class _LazyCLIP:
 
     def __deepcopy__(self, memo) -> "_LazyCLIP":
         return self
-
-
-def _as_autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 autocast for the denoiser on capable CUDA devices (``auto``), else none (fp32)."""
-    if precision == "fp32" or device.type != "cuda":
-        return None
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    return None
 
 
 class LatentDiffusion(nn.Module):
@@ -379,7 +369,7 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"cond must be [P, {', '.join(map(str, self.cond_shape))}], got {list(cond.shape)}")
         cond = cond.repeat_interleave(n, dim=0)  # [P·n, *cond_shape]
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        amp_dtype = _as_autocast_dtype(device, self.precision)
+        amp_dtype = autocast_dtype(self.precision, device)
 
         def model(x_t: Tensor, t: Tensor, c: Tensor):
             # No autocast weight cache: each weight is cast once per call anyway, and a CUDA graph must own its casts.

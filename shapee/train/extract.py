@@ -31,19 +31,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from shapee.runtime import resolve_device
 from shapee.data.latents import read_latent_manifests, write_latent_record
 from shapee.data.records import RecordError, append_jsonl, failures_name, read_failures, read_jsonl, write_jsonl_atomic
 
 # The transmitter loader lives with the other loaders in shapee.io.loading; re-exported here for old imports.
 from shapee.io.loading import ENCODER_FORMATS, EncoderLoadError, load_transmitter  # noqa: E402,F401
-
-
-def _device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 class _GuardedItems(torch.utils.data.Dataset):
@@ -167,7 +160,7 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     if not records.is_dir():
         raise FileNotFoundError(f"records={str(records)!r}: no such folder (prepare it with scripts/prepare_data.py)")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
 
     all_ids = sorted(read_manifests(records))

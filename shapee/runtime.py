@@ -1,0 +1,56 @@
+"""Where work runs and in what precision: the one home of these policies (every script, trainer, pipeline and
+benchmark asks here rather than deciding for itself).
+
+- :func:`resolve_device`: ``"auto"``/``None`` → this process's CUDA device (``LOCAL_RANK`` under torchrun) when CUDA
+  is available, else the CPU; anything else as given.
+- :func:`precision_dtype`: ``"auto"`` → bf16 on CUDA devices that support it, else fp32; ``bf16``/``fp16``/``fp32``
+  (or a ``torch.dtype``) as named.
+- :func:`autocast_dtype`: the autocast dtype for a precision (``None``: run in fp32, no autocast).
+- :func:`sync`: wait for queued GPU work (timings belong to the step that launched it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/``None`` → ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; anything else as given."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def precision_dtype(precision: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The compute dtype a precision name means on ``device`` (``auto``: bf16 on capable CUDA, else fp32)."""
+    if isinstance(precision, torch.dtype):
+        return precision
+    device = torch.device(device)
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {'|'.join(PRECISIONS)}, got {precision!r}")
+    return _DTYPES[precision]
+
+
+def autocast_dtype(precision: str | torch.dtype, device: torch.device | str) -> torch.dtype | None:
+    """The dtype to autocast to, or ``None`` for plain fp32 (``fp32``, or ``auto`` without a bf16-capable GPU)."""
+    dtype = precision_dtype(precision, device)
+    return None if dtype == torch.float32 else dtype
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work (no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["PRECISIONS", "autocast_dtype", "precision_dtype", "resolve_device", "sync"]
