@@ -56,7 +56,7 @@ def read_captions(path: str | os.PathLike) -> dict[str, list[str]]:
 
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first id
             rows = csv.reader(f)
             first = next(rows, None)
             if first is None:
