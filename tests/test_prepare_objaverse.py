@@ -36,7 +36,8 @@ CAPTIONS = {
 
 def cfg(*overrides: str) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name="prepare_data", overrides=TINY + list(overrides)), resolve=True)
+        composed = compose(config_name="prepare_data", overrides=TINY + list(overrides))
+    return OmegaConf.to_container(composed, resolve=True)
 
 
 @pytest.fixture()

@@ -4,20 +4,25 @@ Cap3D (Luo et al., "Scalable 3D Captioning with Pretrained Models", github.com/c
 huggingface.co/datasets/tiange/Cap3D) releases, for Objaverse objects:
 
 * **Latents** (``ShapELatentCode_zips``): one file per object, ``<uid>.pt``, holding the Shap-E transmitter's latent
-  as a ``torch.save``\\ d tensor of 1024·1024 = 1,048,576 floats, shaped ``[1, 1048576]`` (a batch of one, as the
-  official encoder returns it) or ``[1048576]``. Cap3D's fine-tuning script (``text-to-3D/finetune_shapE.py``) loads
-  ``os.path.join(latent_code_path, uid + '.pt')`` with ``torch.load(...).squeeze()`` and hands the flat vector to the
-  official text300M, whose ``SplitVectorDiffusion`` wrapper views it as ``[latent_ctx = 1024, 1024]`` rows: token
-  ``r`` is elements ``r·1024 … r·1024 + 1023``. That is our ``[n_ctx, d_latent]`` latent, row-major, so a file
-  becomes ``latent.reshape(n_ctx, d_latent)`` (no transpose).
+  as a tensor (saved with ``torch.save``) of 1024·1024 = 1,048,576 floats, shaped ``[1, 1048576]`` (a batch of one,
+  as the official encoder returns it) or ``[1048576]``. Cap3D's fine-tuning script
+  (``text-to-3D/finetune_shapE.py``) loads ``os.path.join(latent_code_path, uid + '.pt')`` with
+  ``torch.load(...).squeeze()`` and hands the flat vector to the official text300M, whose ``SplitVectorDiffusion``
+  wrapper views it as ``[latent_ctx = 1024, 1024]`` rows: token ``r`` is elements ``r·1024 … r·1024 + 1023``.
+  That is our ``[n_ctx, d_latent]`` latent, row-major, so a file becomes ``latent.reshape(n_ctx, d_latent)`` (no
+  transpose).
 * **Captions** (``Cap3D_automated_Objaverse*.csv``): no header, two columns ``uid, caption``; the same script reads it
   with ``pandas.read_csv(path, header=None)`` and joins column 0 to the latent file's uid. Several rows for one uid
   give several captions (one is drawn per step, as for our own records).
 
-What was checked against Cap3D's repository: the file naming ``<uid>.pt``, ``torch.load(...).squeeze()``, the
-headerless two-column CSV and the hand-over to text300M (``finetune_shapE.py``). What follows from the official
-Shap-E code rather than from Cap3D's files themselves: the 1,048,576-element size (text300M's ``d_latent``) and the
-``[1, 1048576]`` shape (``encode_to_bottleneck`` of a batch of one); a file of either shape is accepted.
+Sources checked: Cap3D's ``text-to-3D/finetune_shapE.py`` (file naming ``<uid>.pt``, ``torch.load(...).squeeze()``,
+the headerless two-column CSV read with ``header=None``, the flat vector handed to text300M) and the official Shap-E
+code (``shap_e/models/transmitter/base.py``: ``encode_to_vector`` is ``encode_to_channels(...).flatten(1)`` of
+``[B, latent_ctx, d_latent]`` and ``bottleneck_to_channels`` is ``vector.view(B, latent_ctx, -1)``;
+``shap_e/models/generation/latent_diffusion.py``: ``SplitVectorDiffusion`` reshapes ``x`` to ``[B, n_ctx, -1]``).
+Assumed, not checked against the released files themselves (Cap3D's repository has no latent-extraction script):
+that each file holds one tensor of exactly 1,048,576 floats with leading singleton dimensions at most (``.squeeze()``
+suggests ``[1, 1048576]``, what ``encode_to_bottleneck`` returns for one object); any such shape is accepted here.
 
 Files are read with ``torch.load(weights_only=True)``: tensors only, never pickled code. Bad inputs never stop a
 run: unreadable files, files that are no tensor or of another size, latents with NaN / inf, latents without a
@@ -54,7 +59,8 @@ class Cap3DLatentError(ValueError):
 def load_cap3d_latent(path: str | os.PathLike, n_ctx: int = 1024, d_latent: int = 1024) -> Tensor:
     """One Cap3D latent file → ``[n_ctx, d_latent]`` float32 (the flat vector's rows; see the module docstring).
 
-    Accepts a tensor of ``n_ctx·d_latent`` elements shaped ``[1, n]``, ``[n]`` or already ``[n_ctx, d_latent]``.
+    Accepts a tensor of ``n = n_ctx·d_latent`` elements shaped ``[1, n]``, ``[n]`` (any leading singleton dimensions)
+    or already ``[n_ctx, d_latent]``.
 
     Raises:
         Cap3DLatentError: unreadable (not a torch file, truncated, holds code), not a tensor, another size, or
@@ -70,9 +76,10 @@ def load_cap3d_latent(path: str | os.PathLike, n_ctx: int = 1024, d_latent: int 
         raise Cap3DLatentError("not a tensor", f"{path}: holds a {type(obj).__name__}, not a tensor")
     want = n_ctx * d_latent
     shape = list(obj.shape)
-    if obj.numel() != want or not (obj.ndim == 1 or shape in ([1, want], [n_ctx, d_latent])):
+    if obj.numel() != want or not (obj.squeeze().ndim <= 1 or shape == [n_ctx, d_latent]):  # [1, n], [n], [1, 1, n]
         raise Cap3DLatentError(
-            "wrong shape", f"{path}: shape {shape} ({obj.numel()} values), expected {want} = {n_ctx}·{d_latent} values "
+            "wrong shape",
+            f"{path}: shape {shape} ({obj.numel()} values), expected {want} = {n_ctx}·{d_latent} values "
             f"([1, {want}] or [{want}])"
         )
     if not obj.is_floating_point():

@@ -52,7 +52,8 @@ def read_captions(path: str | os.PathLike) -> dict[str, list[str]]:
     def add_entry(entry) -> None:
         if not isinstance(entry, dict):
             raise CaptionFileError(f"captions {str(path)!r}: expected JSON objects, got {type(entry).__name__}")
-        add(next((entry[k] for k in ID_KEYS if k in entry), None), next((entry[k] for k in TEXT_KEYS if k in entry), None))
+        key = next((entry[k] for k in ID_KEYS if k in entry), None)
+        add(key, next((entry[k] for k in TEXT_KEYS if k in entry), None))
 
     suffix = path.suffix.lower()
     if suffix == ".csv":

@@ -749,8 +749,8 @@ def summary_text(summary: dict) -> str:
         f"  colour sources: {counts(summary['color_sources'])}",
         f"  warnings by kind: {counts(summary['warnings'])}",
         f"  failures by kind: {counts(summary['failures_by_kind'])}",
-        *([f"  {summary['duplicates']} files skipped as duplicate ids (same stem as an earlier file), e.g. "
-           f"{d['dropped']} (kept {d['kept']})" for d in summary["duplicate_files"][:1]] if summary.get("duplicates") else []),
+        *[f"  {summary['duplicates']} files skipped as duplicate ids (same stem as an earlier file), e.g. "
+          f"{d['dropped']} (kept {d['kept']})" for d in summary.get("duplicate_files", [])[:1]],
         f"  folder {summary['out']}: {folder['records']} records ({folder['assets_with_warnings']} with warnings), "
         f"{folder['failures']} failures; details in manifest*.jsonl (warnings, color_source), failures*.jsonl, "
         f"{summary_name(None if summary['shard'] is None else tuple(map(int, summary['shard'].split('/'))))}",
