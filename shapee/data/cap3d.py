@@ -110,8 +110,10 @@ class Cap3DLatentDataset(Dataset):
         check: ``"full"``: read every file at construction, so :attr:`failures` is complete before training and the
             dataset holds only good latents (reads ~4 MiB per object: minutes for a few thousand, hours for all of
             Cap3D); ``"lazy"``: only pair file names with captions at construction; a bad file met in
-            ``__getitem__`` is recorded, logged once and replaced by the next good item, so a run never stops on one.
+            ``__getitem__`` is recorded, logged once (per process: DataLoader workers keep their own lists) and replaced
+            by the next good item, so a run never stops on one.
         asset_ids: restrict to these uids (those that lack a latent or caption are failures).
+        log: print the summary line (and, lazily, each skipped file) on stderr.
 
     Attributes:
         failures: ``[{"asset_id", "path", "kind", "reason"}]`` for every skipped uid or file (``kind``: a

@@ -10,6 +10,7 @@ their statistics next to the data's, a deterministic x₀ MSE of the eval assets
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,9 @@ def build_latent_dataset(data: DictConfig | Mapping[str, Any], *, cond: str, lat
         if cond != "text":
             raise ValueError("data=cap3d: Cap3D's latents come with captions only; train with cond=text")
         n_ctx, d_latent = latent_shape
+        rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank reads; rank 0 says what it found
         return Cap3DLatentDataset(data.latents, data.captions, n_ctx=n_ctx, d_latent=d_latent,
-                                  check=str(data.get("check") or "full"))
+                                  check=str(data.get("check") or "full"), log=rank0)
     if kind != "latents":
         raise ValueError(f"data.kind={kind!r}: train_diffusion reads 'latents' (data=latents) or 'cap3d' (data=cap3d)")
     dataset = LatentDataset(data.root, cond=cond)
