@@ -28,7 +28,6 @@ pool and a per-asset failure log; ``scripts/prepare_data.py`` is its command lin
 
 from __future__ import annotations
 
-import csv
 import glob as globlib
 import hashlib
 import multiprocessing as mp
@@ -56,6 +55,7 @@ from shapee.data.records import (
     read_manifests,
     record_relpath,
     remove_stale_temp_files,
+    sanitise_id,
     summary_name,
     unique_ids,
     write_json_atomic,
@@ -397,11 +397,19 @@ def _has_magic(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def list_mesh_files(input_spec: str | os.PathLike) -> tuple[Path, list[Path]]:
-    """``(root, files)``: mesh files (by extension, sorted by path relative to ``root``) of a folder (recursive),
-    a glob pattern (``**`` recursive) or a single file. Sidecar files (.mtl, textures) are not assets.
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
-    Raises :class:`PrepareError` for a missing folder / file or a glob without matches.
+
+def list_mesh_files(input_spec: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """``(root, files)``: mesh files (by extension, sorted by path relative to ``root``) of a folder (recursive, so
+    an Objaverse tree ``glbs/000-023/<uid>.glb`` is found whole), a glob pattern (``**`` recursive), a single file, or
+    a list file (``.txt`` / ``.lst`` / ``.list``: one mesh path per line; blank lines and ``#`` comments skipped;
+    relative paths are relative to the list file's folder; ``root`` is the folder the listed files share).
+    Sidecar files (.mtl, textures) are not assets.
+
+    Raises :class:`PrepareError` for a missing folder / file, a glob without matches, or a list file that is empty
+    or names files that are not meshes. A listed mesh that does not exist is not an error here: it becomes that
+    asset's failure line ("load"), as any other unreadable asset does.
     """
     spec = os.fspath(input_spec)
     if _has_magic(spec):
@@ -416,58 +424,82 @@ def list_mesh_files(input_spec: str | os.PathLike) -> tuple[Path, list[Path]]:
         path = Path(spec)
         if not path.exists():
             raise PrepareError(f"input {spec!r}: no such folder or file")
-        if path.is_file():
+        if path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+            root, files = _read_list_file(path)
+        elif path.is_file():
             if path.suffix.lower() not in MESH_EXTENSIONS:
-                raise PrepareError(f"input {spec!r}: not a mesh file (extensions {', '.join(MESH_EXTENSIONS)})")
+                raise PrepareError(
+                    f"input {spec!r}: not a mesh file (extensions {', '.join(MESH_EXTENSIONS)}) nor a list file "
+                    f"({', '.join(LIST_EXTENSIONS)})"
+                )
             root, files = path.parent, [path]
         else:
             root = path
             files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
     root = root.resolve()
-    files = sorted((p.resolve() for p in files), key=lambda p: p.relative_to(root).as_posix())
+    files = sorted({p.resolve() for p in files}, key=lambda p: p.relative_to(root).as_posix())
     return root, files
 
 
-def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
-    """``{key: [captions]}`` from a CSV (header with an id column ``asset_id``/``asset``/``id``/``uid`` and a
-    ``caption``/``captions``/``text`` column; one row per caption) or a JSONL file (``{"asset_id": ...,
-    "caption": "..."}`` or ``"captions": [...]`` per line). Keys are matched against the asset id, its path relative
-    to the input root, its file name and its stem.
+def _read_list_file(path: Path) -> tuple[Path, list[Path]]:
+    """``(root, files)`` of a list file (see :func:`list_mesh_files`)."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    files = [(path.parent / line) for line in lines if line and not line.startswith("#")]
+    if not files:
+        raise PrepareError(f"input {str(path)!r}: the list file names no files")
+    bad = [str(p) for p in files if p.suffix.lower() not in MESH_EXTENSIONS]
+    if bad:
+        raise PrepareError(
+            f"input {str(path)!r}: {len(bad)} listed paths are not mesh files ({', '.join(MESH_EXTENSIONS)}), "
+            f"e.g. {bad[:3]}"
+        )
+    root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
+    return root, files
+
+
+def asset_ids_for(relative_paths: list[str], ids: str = "path") -> tuple[list[str | None], list[dict]]:
+    """Asset ids for the sorted input list, and the duplicates dropped.
+
+    ``ids="path"``: the sanitised path relative to the input root, extension kept (``chairs/a.obj`` →
+    ``chairs__a.obj``; two files never share an id: see :func:`shapee.data.records.unique_ids`).
+    ``ids="stem"``: the file name without its extension, as Objaverse names its files ``<uid>.glb``
+    (``glbs/000-023/<uid>.glb`` → ``<uid>``), so records, captions and latents join by uid. Two files with the
+    same stem (the same object downloaded into two shard folders, or ``x.obj`` beside ``x.glb``) would be one id:
+    the first in the sorted input list is kept, every later one gets ``None`` (not prepared) and is returned as
+    ``{"asset_id", "kept", "dropped"}`` for the run's summary. The choice depends only on the paths, so every
+    shard makes the same one.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PrepareError(f"captions {str(path)!r}: no such file")
-    id_keys = ("asset_id", "asset", "id", "uid", "object_id", "path")
-    text_keys = ("caption", "captions", "text")
-    out: dict[str, list[str]] = {}
+    if ids == "path":
+        return list(unique_ids(relative_paths)), []
+    if ids != "stem":
+        raise PrepareError(f"data.ids={ids!r}: expected 'path' or 'stem'")
+    out: list[str | None] = []
+    first: dict[str, str] = {}
+    duplicates = []
+    for rel in relative_paths:
+        asset_id = sanitise_id(Path(rel).stem) if Path(rel).stem else sanitise_id(rel)
+        if asset_id in first:
+            out.append(None)
+            duplicates.append({"asset_id": asset_id, "kept": first[asset_id], "dropped": rel})
+        else:
+            first[asset_id] = rel
+            out.append(asset_id)
+    return out, duplicates
 
-    def add(key, value) -> None:
-        if key is None or value is None:
-            return
-        values = value if isinstance(value, list) else [value]
-        out.setdefault(str(key), []).extend(str(v).strip() for v in values if str(v).strip())
 
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            id_col = next((k for k in id_keys if k in header), None)
-            text_col = next((k for k in text_keys if k in header), None)
-            if id_col is None or text_col is None:
-                raise PrepareError(
-                    f"captions {str(path)!r}: the CSV header needs an id column ({'/'.join(id_keys)}) and a caption "
-                    f"column ({'/'.join(text_keys)}), got {header}"
-                )
-            for row in reader:
-                add(row.get(id_col), row.get(text_col))
-    elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        for entry in read_jsonl(path):
-            key = next((entry[k] for k in id_keys if k in entry), None)
-            text = next((entry[k] for k in text_keys if k in entry), None)
-            add(key, text)
-    else:
-        raise PrepareError(f"captions {str(path)!r}: expected a .csv or .jsonl file")
-    return out
+def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
+    """``{key: [captions]}`` from a caption file: a CSV with a header (an id column ``asset_id``/``asset``/``id``/
+    ``uid`` and a ``caption``/``captions``/``text`` column; one row per caption), a CSV without a header holding
+    ``uid,caption`` (Cap3D's ``Cap3D_automated_Objaverse*.csv``), a JSON object ``{uid: caption}`` or a JSONL file
+    (``{"asset_id": ..., "caption": "..."}`` or ``"captions": [...]`` per line): see :mod:`shapee.data.captions`.
+    Keys are matched against the asset id, its path relative to the input root, its file name and its stem.
+    """
+    from shapee.data.captions import CaptionFileError, read_captions
+
+    try:
+        return read_captions(path)
+    except CaptionFileError as e:
+        raise PrepareError(str(e)) from None
 
 
 def _captions_for(captions: dict[str, list[str]], asset_id: str, relpath: str) -> list[str]:
@@ -496,8 +528,9 @@ def parse_shard(shard: str | None, env: Mapping[str, str] | None = None) -> tupl
     return (i, n) if n > 1 else None
 
 
-def _make_sources(cfg: Mapping) -> list[AssetSource]:
-    """The full, sorted input list (every shard computes the same one)."""
+def _make_sources(cfg: Mapping, duplicates: list | None = None) -> list[AssetSource]:
+    """The full, sorted input list (every shard computes the same one); with ``data.ids=stem`` the files dropped as
+    duplicate stems are appended to ``duplicates`` (see :func:`asset_ids_for`)."""
     data = cfg.get("data") or {}
     kind = data.get("kind", "files") if isinstance(data, Mapping) else str(data)
     n = cfg.get("n")
@@ -517,15 +550,15 @@ def _make_sources(cfg: Mapping) -> list[AssetSource]:
     if cfg.get("input") is None:
         raise PrepareError("input=<folder or glob> is required (or data=toy for the toy world)")
     root, files = list_mesh_files(cfg["input"])
-    if n is not None:
-        files = files[: int(n)]
     rel = [f.relative_to(root).as_posix() for f in files]
-    ids = unique_ids(rel)
+    ids, dropped = asset_ids_for(rel, str(data.get("ids") or "path") if isinstance(data, Mapping) else "path")
+    if duplicates is not None:
+        duplicates.extend(dropped)
+    kept = [(i, f, r) for i, f, r in zip(ids, files, rel) if i is not None]
+    if n is not None:
+        kept = kept[: int(n)]
     captions = load_captions(cfg["captions"]) if cfg.get("captions") else {}
-    return [
-        AssetSource(asset_id=i, path=str(f), relpath=r, captions=_captions_for(captions, i, r))
-        for i, f, r in zip(ids, files, rel)
-    ]
+    return [AssetSource(asset_id=i, path=str(f), relpath=r, captions=_captions_for(captions, i, r)) for i, f, r in kept]
 
 
 # --------------------------------------------------------------------------------------------- the whole set
@@ -584,7 +617,8 @@ def _init_worker() -> None:
 def prepare_dataset(cfg: Mapping) -> dict:
     """Prepare every asset of ``cfg`` (the ``configs/prepare_data.yaml`` keys) into ``cfg["out"]``; returns a summary.
 
-    Keys: ``input`` (folder, glob or file) or ``data.kind == "toy"`` with ``n``; ``out``; ``captions``; the
+    Keys: ``input`` (folder, glob, mesh file or list file) or ``data.kind == "toy"`` with ``n``; ``data.ids``
+    (``path`` | ``stem``: see :func:`asset_ids_for`); ``out``; ``captions``; the
     :class:`PrepareSettings` keys; ``workers`` (0/1 = in process); ``shard`` (``"i/n"``, default RANK/WORLD_SIZE);
     ``retry_failed``; ``progress``.
 
@@ -619,7 +653,8 @@ def prepare_dataset(cfg: Mapping) -> dict:
         raise PrepareError(f"workers={cfg.get('workers')!r}: expected an integer") from None
     if workers < 0:
         raise PrepareError(f"workers={workers}: must be >= 0")
-    sources = _make_sources(cfg)
+    duplicates: list[dict] = []
+    sources = _make_sources(cfg, duplicates)
 
     # ---- 2. this shard's share, minus what is already done (or failed, unless retried)
     mine = sources if shard is None else sources[shard[0] :: shard[1]]
@@ -689,6 +724,9 @@ def prepare_dataset(cfg: Mapping) -> dict:
         "color_sources": count_by(sources_used),
         "warnings": count_by(warning_kinds),
         "failures_by_kind": count_by(failure_kinds),
+        # data.ids=stem: files not prepared because an earlier file (sorted path) has the same stem.
+        "duplicates": len(duplicates),
+        "duplicate_files": duplicates[:100],
         # The same counts over everything under `out` (all shards, all runs so far).
         "folder": folder_summary(out_dir),
     }
@@ -711,6 +749,8 @@ def summary_text(summary: dict) -> str:
         f"  colour sources: {counts(summary['color_sources'])}",
         f"  warnings by kind: {counts(summary['warnings'])}",
         f"  failures by kind: {counts(summary['failures_by_kind'])}",
+        *[f"  {summary['duplicates']} files skipped as duplicate ids (same stem as an earlier file), e.g. "
+          f"{d['dropped']} (kept {d['kept']})" for d in summary.get("duplicate_files", [])[:1]],
         f"  folder {summary['out']}: {folder['records']} records ({folder['assets_with_warnings']} with warnings), "
         f"{folder['failures']} failures; details in manifest*.jsonl (warnings, color_source), failures*.jsonl, "
         f"{summary_name(None if summary['shard'] is None else tuple(map(int, summary['shard'].split('/'))))}",

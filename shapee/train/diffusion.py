@@ -10,6 +10,7 @@ their statistics next to the data's, a deterministic x₀ MSE of the eval assets
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,34 @@ def prior_eval_fn(
     return eval_fn
 
 
+def build_latent_dataset(data: DictConfig | Mapping[str, Any], *, cond: str, latent_shape: tuple[int, int]):
+    """The prior's training set from the ``data`` config group: ``kind: latents`` (default; our records under
+    ``root``) or ``kind: cap3d`` (Cap3D's ``<uid>.pt`` latents under ``latents`` + its ``captions`` CSV; text only).
+
+    Raises ``ValueError`` when the latents are not ``latent_shape`` (``[n_ctx, d_latent]``) or the kind is unknown.
+    """
+    kind = str(data.get("kind") or "latents")
+    if kind == "cap3d":
+        from shapee.data.cap3d import Cap3DLatentDataset
+
+        if cond != "text":
+            raise ValueError("data=cap3d: Cap3D's latents come with captions only; train with cond=text")
+        n_ctx, d_latent = latent_shape
+        rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank reads; rank 0 says what it found
+        return Cap3DLatentDataset(data.latents, data.captions, n_ctx=n_ctx, d_latent=d_latent,
+                                  check=str(data.get("check") or "full"), log=rank0)
+    if kind != "latents":
+        raise ValueError(f"data.kind={kind!r}: train_diffusion reads 'latents' (data=latents) or 'cap3d' (data=cap3d)")
+    dataset = LatentDataset(data.root, cond=cond)
+    first = dataset[0]["latent"]
+    if tuple(first.shape) != tuple(latent_shape):
+        raise ValueError(
+            f"data.root={data.root!r} holds latents of shape {list(first.shape)} but the prior models "
+            f"{list(latent_shape)}: extract with the matching encoder or pick the matching model= preset"
+        )
+    return dataset
+
+
 def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     """Train the prior from a composed ``train_diffusion.yaml`` config; returns the loop's final metrics."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
@@ -134,13 +163,7 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     if cfg.init_official and not _will_resume(cfg.resume, run_dir):
         init_from_official(model, cfg.init_official)
 
-    dataset = LatentDataset(cfg.data.root, cond=model.cond_mode)
-    first = dataset[0]["latent"]
-    if tuple(first.shape) != model.latent_shape:
-        raise ValueError(
-            f"data.root={cfg.data.root!r} holds latents of shape {list(first.shape)} but the prior models "
-            f"{list(model.latent_shape)}: extract with the matching encoder or pick the matching model= preset"
-        )
+    dataset = build_latent_dataset(cfg.data, cond=model.cond_mode, latent_shape=model.latent_shape)
 
     decoder = None
     if cfg.get("decoder"):
