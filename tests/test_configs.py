@@ -17,6 +17,7 @@ PRIMARY = {
     "extract_latents": (["records=/tmp/r", "encoder=/tmp/e.pt", "out=/tmp/o"], ["cond"]),
     "evaluate": (["task=encoder", "ckpt=/tmp/c.pt"], []),
     "sample": (["prompt=a chair"], []),
+    "export": (["prior=/tmp/p.pt", "out=/tmp/o"], []),
 }
 
 
