@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. Latents of every asset, with their captions.
     step("extract latents", extract_latents, _compose(
         "extract_latents",
-        [f"records={records}", f"encoder={encoder}", f"out={latents}", "device=cpu", "num_workers=0", f"progress={progress}"],
+        [f"records={records}", f"encoder={encoder}", f"out={latents}", "device=cpu", "num_workers=0",
+         f"progress={progress}"],
     ))
     # 4. The tiny text prior.
     prior_dir = runs / "tiny_prior_text"

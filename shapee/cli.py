@@ -40,33 +40,46 @@ class StageInterrupted(Exception):
         )
 
 
-def user_errors(name: str, *also: type[BaseException]) -> Callable[[Callable], Callable]:
-    """Decorator for a script's ``main``: :class:`UserError` (and the exception types in ``also``, e.g. a library's
-    ``CheckpointError``) become one line on stderr and exit code 2; :class:`StageInterrupted` one line and exit 3;
-    Ctrl-C outside a training loop one line and exit 130. Put it *under* ``@hydra.main`` so that it sees the
-    task's exceptions before Hydra does."""
-    from omegaconf.errors import MissingMandatoryValue
+# Exceptions that are user errors wherever they come from; named, not imported, so that this module stays light.
+USER_ERROR_TYPES = (
+    "shapee.cli.UserError",
+    "omegaconf.errors.MissingMandatoryValue",
+    "shapee.io.checkpoint.CheckpointError",  # a missing, corrupt or mismatched checkpoint file
+)
 
-    caught = (UserError, MissingMandatoryValue, *also)
+
+def user_errors(name: str, *also: str) -> Callable[[Callable], Callable]:
+    """Decorator for a script's ``main``: :class:`UserError`, a missing mandatory config value, a
+    ``CheckpointError`` and the exception types named in ``also`` (``"module.Class"``, matched along the MRO, e.g.
+    ``"shapee.data.prepare.PrepareError"``) become one line on stderr and exit code 2; :class:`StageInterrupted` one
+    line and exit 3; Ctrl-C outside a training loop one line and exit 130. Any other exception keeps its traceback.
+    Put it *under* ``@hydra.main`` so that it sees the task's exceptions before Hydra does."""
+    names = set(USER_ERROR_TYPES) | set(also)
 
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             try:
                 return main(*args, **kwargs)
-            except caught as e:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                fail(name, _one_line(e), EXIT_USER_ERROR)
             except StageInterrupted as e:
                 fail(name, str(e), EXIT_INTERRUPTED, prefix="stopped")
             except KeyboardInterrupt:
                 fail(name, "interrupted (Ctrl-C); what was written so far stays, a rerun resumes", EXIT_SIGINT,
                      prefix="stopped")
+            except Exception as e:
+                if not is_user_error(e, names) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                fail(name, _one_line(e), EXIT_USER_ERROR)
 
         return wrapped
 
     return decorate
+
+
+def is_user_error(e: BaseException, names: Iterable[str] = USER_ERROR_TYPES) -> bool:
+    """Whether ``e``'s class (or a base class) is one of the ``"module.Class"`` ``names``."""
+    names = set(names)
+    return any(f"{c.__module__}.{c.__qualname__}" in names for c in type(e).__mro__)
 
 
 def fail(name: str, message: str, code: int = EXIT_USER_ERROR, *, prefix: str = "error") -> None:
@@ -76,9 +89,7 @@ def fail(name: str, message: str, code: int = EXIT_USER_ERROR, *, prefix: str = 
 
 
 def _one_line(e: BaseException) -> str:
-    from omegaconf.errors import MissingMandatoryValue
-
-    if isinstance(e, MissingMandatoryValue):
+    if is_user_error(e, ["omegaconf.errors.MissingMandatoryValue"]):
         key = getattr(e, "full_key", None) or "a required key"
         return f"{key} is not set: pass {key}=<value> on the command line"
     text = " ".join(str(e).split())  # one line, whatever the exception's message held
@@ -146,6 +157,33 @@ def require_files(cfg: Any, key: str, hint: str) -> list[Path]:
         raise UserError(f"{key}: no such file {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
                         else "") + f"; pass {key}={hint}")
     return [Path(str(v)).expanduser() for v in values]
+
+
+def require_dataset(cfg: Any, key: str, hint: str) -> Path:
+    """``key`` names a folder with ``manifest*.jsonl`` (what prepare_data / extract_latents write)."""
+    root = require_dir(cfg, key, hint)
+    if not any(root.glob("manifest*.jsonl")):
+        raise UserError(f"{key}={str(root)!r} holds no manifest*.jsonl; pass {key}={hint}")
+    return root
+
+
+def check_training_inputs(cfg: Any, *, data_hint: str) -> None:
+    """The inputs every training script reads, checked before a model is built: ``data.root`` (a prepared folder),
+    ``init_from`` (an existing file of a *finished* run unless ``allow_partial=true``), ``resume`` (auto | never |
+    an existing file) and, where the config has them, ``init_official`` and ``decoder``."""
+    require_dataset(cfg, "data.root", data_hint)
+    init_from = require_file(cfg, "init_from", "<checkpoint or snapshot .pt of an earlier run>", optional=True)
+    if init_from is not None and not _get(cfg, "allow_partial"):
+        from shapee.train.status import unfinished_reason
+
+        reason = unfinished_reason(init_from)
+        if reason is not None:
+            raise UserError(f"init_from={reason}")
+    resume = _get(cfg, "resume")
+    if resume not in (None, "", "auto", "never"):
+        require_file(cfg, "resume", "auto|never|<checkpoint last.pt>")
+    require_file(cfg, "init_official", "<released weights file>", optional=True)
+    require_file(cfg, "decoder", "<transmitter snapshot or transmitter.pt>", optional=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ class SelfTerminating(ToyMLP):
 
 def _stage(run_dir, max_steps, *, kill_at=None, init_from=None, **overrides):
     """A tiny training stage as the quick start runs one: resume=auto, optionally chained by init_from."""
-    cfg = tiny_cfg(max_steps=max_steps, ckpt_every=0, eval_every=0, log_every=1, resume="auto", init_from=init_from, **overrides)
+    cfg = tiny_cfg(max_steps=max_steps, ckpt_every=0, eval_every=0, log_every=1, resume="auto", init_from=init_from,
+                   **overrides)
     return lambda: train(cfg, model=SelfTerminating(kill_at), train_set=ToyRegression(), run_dir=run_dir)
 
 
