@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     times = chain.times
     t_all = time.perf_counter()
 
-    def step(name: str, fn, cfg, run_dir=None):
-        return chain.run(name, fn, cfg, run_dir=run_dir)
+    def step(name: str, fn, cfg, run_dir=None, made=None, built_from=()):
+        return chain.run(name, fn, cfg, run_dir=run_dir, made=made, built_from=built_from)
 
     # 1. Toy records at the tiny transmitter's sizes (configs/experiment/tiny_nerf.yaml says what it needs).
     step("prepare toy world", lambda c: prepare_dataset(OmegaConf.to_container(c, resolve=True)), _compose(
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
                      *_trainer(steps[stage], lr, warmup), *extra]
         if previous is not None:
             overrides.append(f"init_from={previous}")
-        step(f"train encoder ({stage})", train_encoder, _compose("train_encoder", overrides), run_dir=run_dir)
+        step(f"train encoder ({stage})", train_encoder, _compose("train_encoder", overrides), run_dir=run_dir,
+             built_from=[previous] if previous is not None else [])
         previous = run_dir / "checkpoints" / "snapshot.pt"
     encoder = previous
     # 3. Latents of every asset, with their captions.
@@ -128,14 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
         "extract_latents",
         [f"records={records}", f"encoder={encoder}", f"out={latents}", "device=cpu", "num_workers=0",
          f"progress={progress}"],
-    ))
+    ), made=latents / "manifest.jsonl", built_from=[encoder])
     # 4. The tiny text prior.
     prior_dir = runs / "tiny_prior_text"
     step("train prior", train_diffusion, _compose(
         "train_diffusion",
         ["experiment=tiny_prior", f"data.root={latents}", f"run_dir={prior_dir}", *PRIOR,
          *_trainer(args.prior_steps, 3e-3, 20), f"decoder={encoder}"],
-    ), run_dir=prior_dir)
+    ), run_dir=prior_dir, built_from=[latents / "manifest.jsonl"])
     # 5. Sample the prompt: mesh + turntable + latent.
     sample_cfg = _compose("sample", [
         f"prompt={args.prompt!r}".replace("'", '"'), f"prior={prior_dir / 'checkpoints' / 'snapshot.pt'}",

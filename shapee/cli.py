@@ -1,8 +1,8 @@
 """What every script in ``scripts/`` shares: user errors as one line, exit codes, input checks, progress bars.
 
 A *user error* is a mistake in the command line or in the inputs (a key not set, a folder that is not there, a
-checkpoint of the wrong kind): the script prints one line ``<script>: error: <what> — <what to do>`` on stderr and
-exits with :data:`EXIT_USER_ERROR`, without a traceback. Everything else is a bug and keeps its traceback.
+checkpoint of the wrong kind): the script prints one line ``<script>: error: <what is wrong>; <what to do>`` on
+stderr and exits with :data:`EXIT_USER_ERROR`, without a traceback. Everything else is a bug and keeps its traceback.
 ``HYDRA_FULL_ERROR=1`` re-raises user errors too, for the full stack.
 
 Exit codes: 0 done; 2 user error; 3 a training stage was stopped (SIGTERM/SIGINT) before ``max_steps`` after writing

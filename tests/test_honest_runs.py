@@ -13,7 +13,7 @@ import sys
 import pytest
 from test_train_loop import ToyMLP, ToyRegression, tiny_cfg
 
-from shapee.cli import StageInterrupted, progress_bar, progress_enabled
+from shapee.cli import StageInterrupted, UserError, progress_bar, progress_enabled
 from shapee.io.checkpoint import CheckpointError, load_checkpoint, load_snapshot
 from shapee.train import train
 from shapee.train.chain import Chain
@@ -80,6 +80,22 @@ def test_chain_stops_at_an_interrupted_stage_and_its_rerun_finishes_it_before_th
     steps = [json.loads(line)["step"] for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 12 and steps.count(1) == 1
     assert lines.index("\n=== [1/2] stage a") < lines.index("\n=== [2/2] stage b")
+
+
+def test_chain_refuses_to_keep_a_stage_made_from_an_older_input(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    snapshot = a / "checkpoints" / "snapshot.pt"
+
+    def run_chain(a_steps):
+        chain = Chain(announce=lambda line: None)
+        chain.run("stage a", _stage(a, a_steps), run_dir=a)
+        return chain.run("stage b", _stage(b, 2, init_from=str(snapshot)), run_dir=b, built_from=[snapshot])
+
+    run_chain(3)
+    assert run_chain(3)["step"] == 2  # a rerun with nothing new: b is kept (resumed at its end)
+    with pytest.raises(UserError, match="stage b: .* was made from an older .*snapshot.pt .*delete"):
+        run_chain(5)  # a trained further: b's results come from the old a
+    assert load_snapshot(snapshot)["step"] == 5 and run_status(b)["step"] == 2
 
 
 def test_init_from_an_unfinished_run_is_refused_unless_allowed(tmp_path):

@@ -3,18 +3,20 @@ stage that did not finish, so that no later stage ever starts from a partial one
 
 Rerunning the same chain resumes: a training stage whose run directory holds a finished run returns at once
 (``resume=auto`` finds ``last.pt`` at ``max_steps``), the interrupted one resumes from its checkpoint and finishes,
-and only then does the next stage start.
+and only then does the next stage start. A stage whose earlier results are older than the files it is built from
+(say the previous stage was trained further since, or an older version of this code let it start from a partial
+one) is refused with a :class:`~shapee.cli.UserError` instead of being silently kept.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shapee.cli import StageInterrupted
+from shapee.cli import StageInterrupted, UserError
 
 
 class Chain:
@@ -31,9 +33,20 @@ class Chain:
         self._announce = announce or (lambda line: print(line, flush=True))
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, run_dir: str | os.PathLike | None = None,
+            made: str | os.PathLike | None = None, built_from: Sequence[str | os.PathLike] = (),
             **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` as stage ``name``; ``run_dir`` (a training stage's) goes into the interruption
-        message."""
+        """``fn(*args, **kwargs)`` as stage ``name``.
+
+        Args:
+            run_dir: a training stage's run directory (named in the interruption message).
+            made: the file that holds this stage's results once it has run (default ``run_dir/checkpoints/last.pt``).
+            built_from: files this stage starts from (the previous stage's snapshot, the latents' manifest). When
+                ``made`` exists and is older than one of them, the stage's results come from an older input: a
+                :class:`~shapee.cli.UserError` says what to delete instead of resuming them.
+        """
+        if made is None and run_dir is not None:
+            made = Path(run_dir) / "checkpoints" / "last.pt"
+        check_fresh(name, made, built_from)
         index = len(self.times) + 1
         counter = f"[{index}/{max(self.total, index)}] " if self.total else ""
         self._announce(f"\n=== {counter}{name}")
@@ -47,3 +60,17 @@ class Chain:
             )
         self._announce(f"=== {name}: {self.times[name]:.1f} s")
         return result
+
+
+def check_fresh(name: str, made: str | os.PathLike | None, built_from: Sequence[str | os.PathLike]) -> None:
+    """Refuse (:class:`~shapee.cli.UserError`) when ``made`` exists and one of ``built_from`` was written after it."""
+    if made is None or not Path(made).exists():
+        return
+    made = Path(made)
+    newer = [Path(p) for p in built_from if Path(p).exists() and Path(p).stat().st_mtime > made.stat().st_mtime]
+    if newer:
+        where = made.parent.parent if made.parent.name == "checkpoints" else made.parent
+        raise UserError(
+            f"{name}: {where} was made from an older {newer[0]} (it changed since); delete {where} and the stages "
+            f"after it to redo them from the new one"
+        )
