@@ -14,7 +14,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import require_dataset, require_file, require_key, user_errors
+from shapee.cli import require_dataset, require_file, require_finished, require_key, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="extract_latents")
@@ -22,7 +22,8 @@ from shapee.cli import require_dataset, require_file, require_key, user_errors
 def main(cfg: DictConfig) -> None:
     # In seconds, before the encoder is built.
     require_dataset(cfg, "records", "<folder of prepared records (scripts/prepare_data.py)>")
-    require_file(cfg, "encoder", "<encoder snapshot.pt of a finished stage, or the released transmitter.pt>")
+    encoder = require_file(cfg, "encoder", "<encoder snapshot.pt of a finished stage, or the released transmitter.pt>")
+    require_finished(cfg, "encoder", encoder)  # latents of a half-trained encoder would feed the prior silently
     require_key(cfg, "out", "<output folder for the latents>")
     from shapee.train.extract import extract_latents
 

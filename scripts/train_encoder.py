@@ -10,7 +10,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import StageInterrupted, check_training_inputs, user_errors
+from shapee.cli import StageInterrupted, check_training_inputs, require_file, user_errors
 
 DATA_HINT = "<folder of prepared records (scripts/prepare_data.py)>"
 
@@ -19,6 +19,8 @@ DATA_HINT = "<folder of prepared records (scripts/prepare_data.py)>"
 @user_errors("train_encoder")
 def main(cfg: DictConfig) -> None:
     check_training_inputs(cfg, data_hint=DATA_HINT)  # in seconds, before a model is built
+    if cfg.stage.get("teacher") == "pointe":
+        require_file(cfg, "stage.teacher_checkpoint", "<Point-E SDF snapshot (scripts/train_pointe_sdf.py) or sdf.pt>")
     from shapee.train.encoder import train_encoder
 
     metrics = train_encoder(cfg)

@@ -167,18 +167,25 @@ def require_dataset(cfg: Any, key: str, hint: str) -> Path:
     return root
 
 
+def require_finished(cfg: Any, key: str, path: Path | None) -> None:
+    """Refuse the checkpoint/snapshot ``path`` (given as ``key``) of a run that did not finish (its ``status.json``
+    says so), unless the config sets ``allow_partial=true``."""
+    if path is None or _get(cfg, "allow_partial"):
+        return
+    from shapee.train.status import unfinished_reason
+
+    reason = unfinished_reason(path)
+    if reason is not None:
+        raise UserError(f"{key}={reason}")
+
+
 def check_training_inputs(cfg: Any, *, data_hint: str) -> None:
     """The inputs every training script reads, checked before a model is built: ``data.root`` (a prepared folder),
     ``init_from`` (an existing file of a *finished* run unless ``allow_partial=true``), ``resume`` (auto | never |
     an existing file) and, where the config has them, ``init_official`` and ``decoder``."""
     require_dataset(cfg, "data.root", data_hint)
     init_from = require_file(cfg, "init_from", "<checkpoint or snapshot .pt of an earlier run>", optional=True)
-    if init_from is not None and not _get(cfg, "allow_partial"):
-        from shapee.train.status import unfinished_reason
-
-        reason = unfinished_reason(init_from)
-        if reason is not None:
-            raise UserError(f"init_from={reason}")
+    require_finished(cfg, "init_from", init_from)
     resume = _get(cfg, "resume")
     if resume not in (None, "", "auto", "never"):
         require_file(cfg, "resume", "auto|never|<checkpoint last.pt>")

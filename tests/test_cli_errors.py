@@ -64,6 +64,21 @@ def test_missing_init_from_and_unfinished_init_from(tmp_path):
     assert "did not finish (step 39 of 300" in line and "allow_partial=true" in line
 
 
+def test_extract_latents_refuses_the_encoder_of_an_unfinished_run(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "manifest.jsonl").write_text("")
+    ckpts = tmp_path / "finetune" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "snapshot.pt").write_bytes(b"")
+    (ckpts / "status.json").write_text(json.dumps({"finished": False, "step": 2, "max_steps": 5}))
+    proc, elapsed = _timed("extract_latents.py", f"records={records}", f"encoder={ckpts / 'snapshot.pt'}",
+                           f"out={tmp_path / 'latents'}")
+    line = _user_error(proc, elapsed, "extract_latents")
+    assert line.startswith("extract_latents: error: encoder=") and "did not finish (step 2 of 5" in line
+    assert not (tmp_path / "latents").exists()
+
+
 def test_sample_without_weights_names_transmitter(tmp_path):
     line = _user_error(*_timed("sample.py", "prompt=a chair", f"out={tmp_path}"), "sample")
     assert "transmitter=" in line and "prior=" in line and "decoder=" not in line
