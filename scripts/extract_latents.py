@@ -10,22 +10,24 @@ recorded failures too unless retry_failed=true.
 """
 
 import json
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from shapee.cli import require_dataset, require_file, require_finished, require_key, user_errors
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="extract_latents")
+@user_errors("extract_latents", "shapee.train.extract.EncoderLoadError", "builtins.FileNotFoundError")
 def main(cfg: DictConfig) -> None:
-    from shapee.io import CheckpointError
-    from shapee.train.extract import EncoderLoadError, extract_latents
+    # In seconds, before the encoder is built.
+    require_dataset(cfg, "records", "<folder of prepared records (scripts/prepare_data.py)>")
+    encoder = require_file(cfg, "encoder", "<encoder snapshot.pt of a finished stage, or the released transmitter.pt>")
+    require_finished(cfg, "encoder", encoder)  # latents of a half-trained encoder would feed the prior silently
+    require_key(cfg, "out", "<output folder for the latents>")
+    from shapee.train.extract import extract_latents
 
-    try:
-        summary = extract_latents(cfg)
-    except (EncoderLoadError, CheckpointError, FileNotFoundError) as e:
-        print(f"extract_latents: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = extract_latents(cfg)
     print(json.dumps(summary, indent=2))
 
 

@@ -8,22 +8,24 @@ Resumes (assets already in the manifest are skipped); broken assets go to out/fa
 """
 
 import json
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from shapee.cli import fail, user_errors
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="prepare_data")
+@user_errors("prepare_data", "shapee.data.prepare.PrepareError")
 def main(cfg: DictConfig) -> None:
-    from shapee.data.prepare import PrepareError, prepare_dataset
+    from shapee.data.prepare import prepare_dataset
 
-    try:
-        summary = prepare_dataset(cfg)
-    except PrepareError as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = prepare_dataset(cfg)  # checks the command (input, out, shard, ...) before touching any asset
     print(json.dumps(summary, indent=2))
+    if summary["records"] == 0:  # every input failed (or none was found): nothing to train on is not a success
+        failures = f"; why: {summary['out']}/failures*.jsonl" if summary["failed"] or summary["skipped_failed"] else ""
+        fail("prepare_data", f"no record was produced: {summary['failed'] + summary['skipped_failed']} of "
+             f"{summary['assigned']} assets failed{failures}", 1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
 5. sample the prompt → mesh (.glb/.ply) + STF turntable (.gif) + latent (scripts/sample.py)
 
 Each step calls the script's library function with the script's own Hydra config, in this one process. Everything
-resumes: running it again with the same --out skips what is done. The recipe is the one of the prior's learning test
+resumes: running it again with the same --out skips what is done. A training stage stopped by SIGTERM/SIGINT writes
+its checkpoint and the quick start stops there (one line, exit code 3) instead of going on from a partial stage; the
+rerun finishes that stage from its checkpoint before it starts the next. The recipe is the one of the prior's learning test
 (tests/test_prior_learning.py: every sample has its prompt's shape and colour there): the tiny encoder, a 64-wide
 tiny denoiser, every asset in every batch. The tiny CLIP has random weights, so the prompt should be one of
 the toy world's captions: "a red cube", "a blue sphere", "a cube that is red", ...
@@ -20,10 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a clone without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from shapee.cli import user_errors  # noqa: E402  (light: no torch)
 
 
 def _compose(config_name: str, overrides: list[str]):
@@ -38,7 +45,8 @@ def _trainer(steps: int, lr: float, warmup: int) -> list[str]:
     # the tiny steps).
     return [f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.ckpt_every={steps}",
             f"trainer.batch_size={N_ASSETS}", f"trainer.optimizer.lr={lr}", f"trainer.lr_schedule.warmup_steps={warmup}",
-            "trainer.ema.halflife_ksamples=0.4", f"trainer.log_every={max(1, steps // 10)}"]
+            "trainer.ema.halflife_ksamples=0.4", f"trainer.log_every={max(1, steps // 10)}",
+            "trainer.progress_bar=true"]  # shown when stderr is a terminal (shapee.cli.progress_enabled)
 
 
 N_ASSETS = 8  # two of every (shape, colour)
@@ -57,6 +65,7 @@ STAGE = {
 PRIOR = ["model.denoiser.width=64", "model.denoiser.heads=4"]
 
 
+@user_errors("quickstart")
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="quickstart", help="folder for everything (records, runs, latents, samples)")
@@ -79,27 +88,27 @@ def main(argv: list[str] | None = None) -> dict:
     from shapee.data.prepare import prepare_dataset
     from shapee.pipeline import format_report, sample_assets
     from shapee.train.diffusion import train_diffusion
+    from shapee.train.chain import Chain
     from shapee.train.encoder import train_encoder
     from shapee.train.extract import extract_latents
 
+    from shapee.cli import progress_enabled
+
+    progress = str(progress_enabled()).lower()  # bars when stderr is a terminal, unless SHAPEE_PROGRESS=0
     out = Path(args.out).resolve()
     records, latents, runs = out / "records", out / "latents", out / "runs"
-    times: dict[str, float] = {}
+    chain = Chain(total=7)  # stops at a training stage that did not finish (SIGTERM/SIGINT): exit 3, rerun resumes it
+    times = chain.times
     t_all = time.perf_counter()
 
-    def step(name: str, fn, cfg):
-        print(f"\n=== {name}", flush=True)
-        t = time.perf_counter()
-        result = fn(cfg)
-        times[name] = time.perf_counter() - t
-        print(f"=== {name}: {times[name]:.1f} s", flush=True)
-        return result
+    def step(name: str, fn, cfg, run_dir=None, made=None, built_from=()):
+        return chain.run(name, fn, cfg, run_dir=run_dir, made=made, built_from=built_from)
 
     # 1. Toy records at the tiny transmitter's sizes (configs/experiment/tiny_nerf.yaml says what it needs).
     step("prepare toy world", lambda c: prepare_dataset(OmegaConf.to_container(c, resolve=True)), _compose(
         "prepare_data",
         [*TOY_WORLD, f"out={records}", "resolution=64", "views=4", "targets=6", "pc_resolution=64", "pc_views=8",
-         "n_points=1024", "sdf_uniform=4096", "sdf_near=4096", f"workers={args.workers}", "progress=false"],
+         "n_points=1024", "sdf_uniform=4096", "sdf_near=4096", f"workers={args.workers}", f"progress={progress}"],
     ))
     # 2. The three encoder stages, each starting from the previous one's snapshot (paper §3.1).
     previous = None
@@ -111,27 +120,29 @@ def main(argv: list[str] | None = None) -> dict:
                      *_trainer(steps[stage], lr, warmup), *extra]
         if previous is not None:
             overrides.append(f"init_from={previous}")
-        step(f"train encoder ({stage})", train_encoder, _compose("train_encoder", overrides))
+        step(f"train encoder ({stage})", train_encoder, _compose("train_encoder", overrides), run_dir=run_dir,
+             built_from=[previous] if previous is not None else [])
         previous = run_dir / "checkpoints" / "snapshot.pt"
     encoder = previous
     # 3. Latents of every asset, with their captions.
     step("extract latents", extract_latents, _compose(
         "extract_latents",
-        [f"records={records}", f"encoder={encoder}", f"out={latents}", "device=cpu", "num_workers=0", "progress=false"],
-    ))
+        [f"records={records}", f"encoder={encoder}", f"out={latents}", "device=cpu", "num_workers=0",
+         f"progress={progress}"],
+    ), made=latents / "manifest.jsonl", built_from=[encoder])
     # 4. The tiny text prior.
     prior_dir = runs / "tiny_prior_text"
     step("train prior", train_diffusion, _compose(
         "train_diffusion",
         ["experiment=tiny_prior", f"data.root={latents}", f"run_dir={prior_dir}", *PRIOR,
          *_trainer(args.prior_steps, 3e-3, 20), f"decoder={encoder}"],
-    ))
+    ), run_dir=prior_dir, built_from=[latents / "manifest.jsonl"])
     # 5. Sample the prompt: mesh + turntable + latent.
     sample_cfg = _compose("sample", [
         f"prompt={args.prompt!r}".replace("'", '"'), f"prior={prior_dir / 'checkpoints' / 'snapshot.pt'}",
         f"transmitter={encoder}", f"out={out / 'samples'}", f"steps={args.sample_steps}", "grid_size=64",
         f"guidance_scale={args.guidance}",
-        "render_views=20", "render_resolution=64", "device=cpu",
+        "render_views=20", "render_resolution=64", "device=cpu", f"progress={progress}",
     ])
     summary = step("sample", lambda c: sample_assets(OmegaConf.to_container(c, resolve=True)), sample_cfg)
     print("\n" + format_report(summary))

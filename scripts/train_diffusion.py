@@ -11,13 +11,21 @@ import json
 import hydra
 from omegaconf import DictConfig
 
+from shapee.cli import StageInterrupted, check_training_inputs, user_errors
+
+DATA_HINT = "<folder of latents (scripts/extract_latents.py)>"
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train_diffusion")
+@user_errors("train_diffusion")
 def main(cfg: DictConfig) -> None:
+    check_training_inputs(cfg, data_hint=DATA_HINT)  # in seconds, before a model is built
     from shapee.train.diffusion import train_diffusion
 
     metrics = train_diffusion(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    if not metrics["finished"]:  # stopped by SIGTERM/SIGINT after its checkpoint: exit 3, a rerun resumes
+        raise StageInterrupted("the run", metrics["step"], metrics["max_steps"], cfg.run_dir)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,21 @@ import json
 import hydra
 from omegaconf import DictConfig
 
+from shapee.cli import StageInterrupted, check_training_inputs, user_errors
+
+DATA_HINT = "<folder of prepared records (scripts/prepare_data.py)>"
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train_pointe_sdf")
+@user_errors("train_pointe_sdf")
 def main(cfg: DictConfig) -> None:
+    check_training_inputs(cfg, data_hint=DATA_HINT)  # in seconds, before a model is built
     from shapee.train.pointe_sdf import train_pointe_sdf
 
     metrics = train_pointe_sdf(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    if not metrics["finished"]:  # stopped by SIGTERM/SIGINT after its checkpoint: exit 3, a rerun resumes
+        raise StageInterrupted("the run", metrics["step"], metrics["max_steps"], cfg.run_dir)
 
 
 if __name__ == "__main__":

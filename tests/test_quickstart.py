@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,41 @@ def test_quickstart_runs_every_stage_writes_the_promised_files_and_resumes(tmp_p
 def test_quickstart_rejects_a_zero_step_count(tmp_path):
     proc = _run(tmp_path / "qs", "--prior-steps", "0")
     assert proc.returncode != 0 and "--prior-steps must be >= 1" in proc.stderr
+
+
+def test_an_interrupted_stage_stops_the_quickstart_and_the_rerun_finishes_it_before_the_next(tmp_path):
+    out = tmp_path / "qs"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [*ARGS, "--distill-steps", "100000"]  # later ones win: distill runs until the signal
+    log = tmp_path / "stdout.txt"
+    with log.open("w") as log_file:
+        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "quickstart.py"), "--out", str(out), *args],
+                                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        try:
+            # The loop's first line comes after its SIGTERM handler is installed.
+            while "steps 0 → 100000" not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "distill never started"
+                time.sleep(0.2)
+            time.sleep(1.0)  # a few steps
+            proc.send_signal(signal.SIGTERM)
+            stderr = proc.communicate(timeout=300)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stdout = log.read_text()
+    assert proc.returncode == 3, stdout[-3000:] + stderr[-3000:]
+    stopped = json.loads((out / "runs" / "tiny_distill" / "checkpoints" / "status.json").read_text())
+    assert stopped["finished"] is False and stopped["max_steps"] == 100000
+    assert stderr.strip().splitlines()[-1].startswith(
+        f"quickstart: stopped: stage 'train encoder (distill)' was interrupted at step {stopped['step']} of 100000")
+    assert "train encoder (finetune)" not in stdout and not (out / "runs" / "tiny_finetune").exists()
+
+    # The rerun (distill now ends one step later) resumes distill from its checkpoint, finishes it, then goes on.
+    again = _run(out, "--distill-steps", str(stopped["step"] + 1))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"tiny_distill/checkpoints/last.pt at step {stopped['step']}" in again.stdout
+    assert again.stdout.index("=== train encoder (distill):") < again.stdout.index("=== [4/7] train encoder (finetune)")
+    assert json.loads((out / "runs" / "tiny_distill" / "checkpoints" / "status.json").read_text())["finished"] is True
+    assert _last_step(out / "runs" / "tiny_finetune") == 1

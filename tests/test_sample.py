@@ -141,7 +141,8 @@ def test_official_checkpoint_offline_says_where_to_put_the_files(tmp_path, monke
 def test_script_runs_as_a_subprocess(ckpts, tmp_path):
     proc = run_script("sample.py", "prompt=a red cube", f"prior={ckpts['prior']}", f"transmitter={ckpts['decoder']}",
                       f"out={tmp_path}", "steps=2", "grid_size=10", "render_views=2", "render_resolution=16",
-                      "device=cpu")
+                      "device=cpu", env={"SHAPEE_PROGRESS": "0"})
+    assert "karras" not in proc.stderr  # no sampler bar when asked for none (and none in logs: stderr is no terminal)
     for name in ("a_red_cube_0.glb", "a_red_cube_0.ply", "a_red_cube_0.gif", "a_red_cube_0_latent.safetensors"):
         assert (tmp_path / name).is_file()
         assert f"wrote {tmp_path / name}" in proc.stdout
@@ -150,3 +151,10 @@ def test_script_runs_as_a_subprocess(ckpts, tmp_path):
     bad = run_script("sample.py", "prompt=' '", f"prior={ckpts['prior']}", f"transmitter={ckpts['decoder']}",
                      f"out={tmp_path / 'bad'}", check=False)
     assert bad.returncode == 2 and "sample: error: prompt 0" in bad.stderr and "is empty" in bad.stderr
+
+
+def test_script_shows_the_sampler_bar_when_progress_is_forced(ckpts, tmp_path):
+    proc = run_script("sample.py", "prompt=a red cube", f"prior={ckpts['prior']}", f"transmitter={ckpts['decoder']}",
+                      f"out={tmp_path}", "steps=2", "grid_size=10", "render_views=0", "formats=[ply]", "device=cpu",
+                      env={"SHAPEE_PROGRESS": "1"})
+    assert "karras:" in proc.stderr and "0/2" in proc.stderr  # the bar over the 2 sampler steps

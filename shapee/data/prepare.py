@@ -674,7 +674,7 @@ def prepare_dataset(cfg: Mapping) -> dict:
     skipped_failed = len(mine) - len(todo) - skipped_done
 
     # ---- 3. work, in process or in a pool; only this process appends to this shard's logs
-    from tqdm.auto import tqdm
+    from shapee.cli import progress_bar
 
     settings_dict = asdict(settings)
     tasks = [(s, str(out_dir), settings_dict) for s in todo]
@@ -683,7 +683,7 @@ def prepare_dataset(cfg: Mapping) -> dict:
     sources_used: list[str] = []
     warning_kinds: list[str] = []
     failure_kinds: list[str] = []
-    bar = tqdm(total=len(tasks), desc="prepare", unit="asset", disable=not cfg.get("progress", True), dynamic_ncols=True)
+    bar = progress_bar(total=len(tasks), desc="prepare", unit="asset", enabled=cfg.get("progress", True))
     try:
         if workers > 1 and len(tasks) > 1:
             results = _run_pool(tasks, min(workers, len(tasks)))

@@ -160,7 +160,9 @@ def evaluate_checkpoint(
     grid_rows: list[Tensor] = []
     generator = torch.Generator(device).manual_seed(seed)  # the encoder's point-conv shuffle
     start = time.perf_counter()
-    for first in range(0, len(dataset), batch_size):
+    from shapee.cli import progress_bar
+
+    for first in progress_bar(range(0, len(dataset), batch_size), desc="evaluate encoder", unit="batch", leave=False):
         indices = list(range(first, min(first + batch_size, len(dataset))))
         batch = collate_assets([dataset[i] for i in indices])
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}

@@ -230,7 +230,10 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
         prior.clip  # noqa: B018  build the conditioning CLIP outside the timed region
 
     renders, sample_s, render_s = [], 0.0, 0.0
-    for first in range(0, len(prompts), int(s["batch_prompts"])):
+    from shapee.cli import progress_bar
+
+    for first in progress_bar(range(0, len(prompts), int(s["batch_prompts"])), desc="evaluate generation",
+                              unit="batch", leave=False):
         chunk = prompts[first : first + int(s["batch_prompts"])]
         _sync(device)
         t0 = time.perf_counter()

@@ -77,10 +77,11 @@ class TrainerConfig:
     init_from: Optional[str] = None  # checkpoint or snapshot whose (EMA) weights initialise the model
     init_allow_missing: list[str] = field(default_factory=list)  # fnmatch patterns of model keys init may lack
     init_allow_unexpected: list[str] = field(default_factory=list)  # fnmatch patterns of extra keys in the file
+    init_allow_partial: bool = False  # true: init_from may be the snapshot of a run that did not finish
     ddp_find_unused_parameters: bool = False  # set true for models whose loss leaves some parameters unused
     compile: Any = False  # torch.compile the model's compile_targets(): false | true (inductor) | a backend name
     max_nonfinite_in_a_row: int = 10  # abort after this many consecutive non-finite steps
-    progress_bar: bool = True  # tqdm on rank 0
+    progress_bar: bool = True  # tqdm on rank 0, when stderr is a terminal (SHAPEE_PROGRESS=0/1: never/always)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 

@@ -144,6 +144,7 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """
     from tqdm import tqdm
 
+    from shapee.cli import progress_bar
     from shapee.data.dataset import AssetDataset
     from shapee.data.records import read_manifests
     from shapee.train.loop import resolve_precision
@@ -210,7 +211,7 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     sources = {r.asset_id: dataset.root / r.record for r in dataset.records}
     amp_dtype = resolve_precision(cfg.precision, device)
     generator = torch.Generator(device).manual_seed(int(cfg.seed) * world + rank)
-    progress = tqdm(total=len(todo), desc="extract", disable=not (cfg.progress and rank == 0))
+    progress = progress_bar(total=len(todo), desc="extract", unit="asset", enabled=bool(cfg.progress) and rank == 0)
 
     def record_failures(failures: list[dict]) -> None:
         for failure in failures:

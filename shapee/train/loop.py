@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from shapee.io.checkpoint import (
     CheckpointError,
@@ -39,12 +38,14 @@ from shapee.io.checkpoint import (
     save_checkpoint,
     save_snapshot,
 )
+from shapee.cli import progress_bar
 from shapee.train.config import resolve_trainer_config
 from shapee.train.data import DataStream, to_device
 from shapee.train.dist import DistInfo, all_reduce_max, cleanup_distributed, init_distributed
 from shapee.train.ema import EMA, ema_beta
 from shapee.train.logger import IntervalMeter, RunLogger
 from shapee.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from shapee.train.status import unfinished_reason, write_status
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 
@@ -77,13 +78,18 @@ def train(
         device: force a device; default ``cuda:<LOCAL_RANK>`` if available, else CPU.
 
     Returns:
-        Final metrics: ``step``, ``samples_seen``, ``nonfinite_steps``, ``stopped_by_signal`` (0/1), the last logged
+        Final metrics: ``step``, ``samples_seen``, ``nonfinite_steps``, ``stopped_by_signal`` (0/1), ``finished``
+        (1 when ``max_steps`` was reached, 0 when a signal stopped the run before), ``max_steps``, the last logged
         interval averages (``loss/<name>``, ``loss/total``, ``lr``, ``grad_norm``, ``samples_per_s``, ...) and the
         last ``eval/<name>`` scalars.
 
     Raises:
         FloatingPointError: after ``max_nonfinite_in_a_row`` consecutive steps with a non-finite loss or gradient.
-        CheckpointError: ``resume``/``init_from`` points at a missing, corrupt or mismatched file.
+        CheckpointError: ``resume``/``init_from`` points at a missing, corrupt or mismatched file, or ``init_from``
+            at the checkpoint/snapshot of a run that did not finish (unless ``init_allow_partial``).
+
+    Whether the run finished is also written to ``run_dir/checkpoints/status.json`` (:mod:`shapee.train.status`):
+    ``finished: false`` before the first step, ``true`` after the final snapshot of a run that reached ``max_steps``.
     """
     cfg = resolve_trainer_config(cfg)
     if not callable(getattr(model, "loss_dict", None)):
@@ -111,6 +117,11 @@ def train(
     # 4. Build/move: the model to its device; init_from loads weights only (chaining stages), unless resuming.
     model.to(device).train()
     if cfg.init_from and resume_path is None:
+        reason = unfinished_reason(cfg.init_from)
+        if reason is not None:
+            if not cfg.init_allow_partial:
+                raise CheckpointError(f"init_from={reason}")
+            _print0(info, f"WARNING: init_from={reason} (allowed by init_allow_partial)")
         _load_init_weights(model, cfg.init_from, cfg.init_allow_missing, cfg.init_allow_unexpected)
 
     # 5. DDP: wrap a module whose forward *is* loss_dict, because DDP only hooks forward() to set up gradient sync.
@@ -178,6 +189,8 @@ def train(
             seed_everything((cfg.seed + step) * info.world_size + info.rank)
             _print0(info, f"resume: world_size/batch_size changed since {resume_path}; data order restarts")
         _print0(info, f"resumed from {resume_path} at step {step}")
+    if info.is_main:  # unfinished until the final snapshot of a run that reaches max_steps says otherwise
+        write_status(ckpt_dir, finished=False, step=step, max_steps=cfg.max_steps, stopped_by_signal=False)
 
     def write_checkpoint() -> None:
         # Every rank's RNG state is gathered (a collective: all ranks call this at the same step) so that a DDP
@@ -201,6 +214,7 @@ def train(
                 "nonfinite": {"total": nonfinite_total, "in_a_row": nonfinite_in_a_row},
                 "rng": rng_states,
                 "data": {**data.state_dict(), "world_size": info.world_size, "batch_size": cfg.batch_size},
+                "finished": step >= cfg.max_steps,
                 "config": run_cfg_plain,
                 "trainer_config": trainer_cfg_plain,
                 "code_version": version,
@@ -229,7 +243,9 @@ def train(
     final: dict[str, float] = {}
     stopped_by_signal = False
     last_saved_step = step if resume_path is not None else -1
-    progress = tqdm(total=cfg.max_steps, initial=step, disable=not (info.is_main and cfg.progress_bar), leave=False)
+    progress = progress_bar(total=cfg.max_steps, initial=step, enabled=info.is_main and cfg.progress_bar,
+                            desc=f"train {run_dir.name}", unit="step", leave=False)
+    loss_smooth = math.nan  # EMA of the logged total loss, for the bar
     stop_requested = threading.Event()
     previous_handlers = _install_stop_handlers(stop_requested)
     _print0(
@@ -304,7 +320,9 @@ def train(
                 final.update(interval.flush(global_batch=global_batch, lr=lr))
                 final.update(nonfinite_steps=nonfinite_total, epoch=data.epoch)
                 logger.log({k: v for k, v in final.items() if not k.startswith("eval/")}, step)
-                progress.set_postfix(loss=f"{final.get('loss/total', float('nan')):.4g}")
+                loss = final.get("loss/total", math.nan)
+                loss_smooth = loss if not math.isfinite(loss_smooth) else 0.9 * loss_smooth + 0.1 * loss
+                progress.set_postfix(loss=f"{loss_smooth:.4g}", refresh=False)
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and info.is_main:
                 final.update(_run_eval(eval_fn, ema.module, step, logger))
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stop:
@@ -318,6 +336,9 @@ def train(
         # 10. Final checkpoint + snapshot (unless this exact step was just written).
         if last_saved_step != step:
             write_checkpoint()
+        if info.is_main:
+            write_status(ckpt_dir, finished=step >= cfg.max_steps, step=step,
+                         max_steps=cfg.max_steps, stopped_by_signal=stopped_by_signal)
         completed = True
     finally:
         progress.close()
@@ -329,7 +350,8 @@ def train(
         cleanup_distributed(info, synchronize=completed)
 
     final.update(
-        step=step, samples_seen=samples_seen, nonfinite_steps=nonfinite_total, stopped_by_signal=int(stopped_by_signal)
+        step=step, samples_seen=samples_seen, nonfinite_steps=nonfinite_total, stopped_by_signal=int(stopped_by_signal),
+        finished=int(step >= cfg.max_steps), max_steps=cfg.max_steps,
     )
     return final
 

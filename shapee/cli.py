@@ -1,0 +1,237 @@
+"""What every script in ``scripts/`` shares: user errors as one line, exit codes, input checks, progress bars.
+
+A *user error* is a mistake in the command line or in the inputs (a key not set, a folder that is not there, a
+checkpoint of the wrong kind): the script prints one line ``<script>: error: <what is wrong>; <what to do>`` on
+stderr and exits with :data:`EXIT_USER_ERROR`, without a traceback. Everything else is a bug and keeps its traceback.
+``HYDRA_FULL_ERROR=1`` re-raises user errors too, for the full stack.
+
+Exit codes: 0 done; 2 user error; 3 a training stage was stopped (SIGTERM/SIGINT) before ``max_steps`` after writing
+its checkpoint (run the same command again to resume it); 130 interrupted outside a training loop (Ctrl-C).
+
+This module imports no torch, so that the checks run before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 3
+EXIT_SIGINT = 130
+
+
+class UserError(Exception):
+    """A mistake of the user's (config key, path, file kind), reported as one line with what to do about it."""
+
+
+class StageInterrupted(Exception):
+    """A training stage stopped on a signal before ``max_steps``; its checkpoint is written and a rerun resumes it."""
+
+    def __init__(self, stage: str, step: int, max_steps: int, run_dir: str | os.PathLike) -> None:
+        self.stage, self.step, self.max_steps, self.run_dir = stage, int(step), int(max_steps), Path(run_dir)
+        super().__init__(
+            f"{stage} was interrupted at step {self.step} of {self.max_steps} (checkpoint in "
+            f"{self.run_dir / 'checkpoints'}); run the same command again to resume it"
+        )
+
+
+# Exceptions that are user errors wherever they come from; named, not imported, so that this module stays light.
+USER_ERROR_TYPES = (
+    "shapee.cli.UserError",
+    "omegaconf.errors.MissingMandatoryValue",
+    "shapee.io.checkpoint.CheckpointError",  # a missing, corrupt or mismatched checkpoint file
+)
+
+
+def user_errors(name: str, *also: str) -> Callable[[Callable], Callable]:
+    """Decorator for a script's ``main``: :class:`UserError`, a missing mandatory config value, a
+    ``CheckpointError`` and the exception types named in ``also`` (``"module.Class"``, matched along the MRO, e.g.
+    ``"shapee.data.prepare.PrepareError"``) become one line on stderr and exit code 2; :class:`StageInterrupted` one
+    line and exit 3; Ctrl-C outside a training loop one line and exit 130. Any other exception keeps its traceback.
+    Put it *under* ``@hydra.main`` so that it sees the task's exceptions before Hydra does."""
+    names = set(USER_ERROR_TYPES) | set(also)
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return main(*args, **kwargs)
+            except StageInterrupted as e:
+                fail(name, str(e), EXIT_INTERRUPTED, prefix="stopped")
+            except KeyboardInterrupt:
+                fail(name, "interrupted (Ctrl-C); what was written so far stays, a rerun resumes", EXIT_SIGINT,
+                     prefix="stopped")
+            except Exception as e:
+                if not is_user_error(e, names) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                fail(name, _one_line(e), EXIT_USER_ERROR)
+
+        return wrapped
+
+    return decorate
+
+
+def is_user_error(e: BaseException, names: Iterable[str] = USER_ERROR_TYPES) -> bool:
+    """Whether ``e``'s class (or a base class) is one of the ``"module.Class"`` ``names``."""
+    names = set(names)
+    return any(f"{c.__module__}.{c.__qualname__}" in names for c in type(e).__mro__)
+
+
+def fail(name: str, message: str, code: int = EXIT_USER_ERROR, *, prefix: str = "error") -> None:
+    """Print ``<name>: <prefix>: <message>`` as one line on stderr and exit with ``code``."""
+    print(f"{name}: {prefix}: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _one_line(e: BaseException) -> str:
+    if is_user_error(e, ["omegaconf.errors.MissingMandatoryValue"]):
+        key = getattr(e, "full_key", None) or "a required key"
+        return f"{key} is not set: pass {key}=<value> on the command line"
+    text = " ".join(str(e).split())  # one line, whatever the exception's message held
+    return text or type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input checks: run them first thing in a script's main, before models or data are built.
+
+
+def _get(cfg: Any, key: str) -> Any:
+    """``cfg[a][b]`` for ``key="a.b"`` (DictConfig or plain mapping); ``None`` when unset, absent or ``???``."""
+    from omegaconf import OmegaConf
+
+    node = cfg
+    for part in key.split("."):
+        if OmegaConf.is_config(node):
+            if part not in node or OmegaConf.is_missing(node, part):
+                return None
+            node = node[part]
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
+            return None
+        if node is None:
+            return None
+    return node
+
+
+def require_key(cfg: Any, key: str, hint: str) -> Any:
+    """The value of ``key``; a :class:`UserError` naming it and ``hint`` (what to pass) when it is not set."""
+    value = _get(cfg, key)
+    if value is None or value == "":
+        raise UserError(f"{key} is not set: pass {key}={hint}")
+    return value
+
+
+def require_dir(cfg: Any, key: str, hint: str, *, optional: bool = False) -> Path | None:
+    """``key`` names an existing folder (``optional``: or is unset → ``None``)."""
+    if optional and _get(cfg, key) in (None, ""):
+        return None
+    path = Path(str(require_key(cfg, key, hint))).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{key}={str(path)!r}: no such folder; pass {key}={hint}")
+    return path
+
+
+def require_file(cfg: Any, key: str, hint: str, *, optional: bool = False) -> Path | None:
+    """``key`` names an existing file (``optional``: or is unset → ``None``)."""
+    if optional and _get(cfg, key) in (None, ""):
+        return None
+    path = Path(str(require_key(cfg, key, hint))).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise UserError(f"{key}={str(path)!r}: {what}; pass {key}={hint}")
+    return path
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    """A diffusers Shap-E folder (``prior/`` or ``shap_e_renderer/``/``renderer/`` with a ``config.json``), or one
+    component folder; path checks only (the loader, :mod:`shapee.io.diffusers_format`, reads it)."""
+    return path.is_dir() and any(
+        (path / sub / "config.json").is_file() for sub in ("", "prior", "shap_e_renderer", "renderer")
+    )
+
+
+def require_weights(cfg: Any, key: str, hint: str, *, optional: bool = False) -> Path | None:
+    """``key`` names an existing checkpoint file or a diffusers Shap-E folder (``optional``: or is unset)."""
+    if optional and _get(cfg, key) in (None, ""):
+        return None
+    path = Path(str(require_key(cfg, key, hint))).expanduser()
+    if path.is_file() or is_diffusers_folder(path):
+        return path
+    what = "is a folder but not a diffusers Shap-E folder" if path.is_dir() else "no such file"
+    raise UserError(f"{key}={str(path)!r}: {what}; pass {key}={hint}")
+
+
+def require_files(cfg: Any, key: str, hint: str) -> list[Path]:
+    """``key`` is one file or a list of files, all existing."""
+    value = require_key(cfg, key, hint)
+    values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    missing = [str(v) for v in values if not Path(str(v)).expanduser().is_file()]
+    if missing:
+        raise UserError(f"{key}: no such file {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                        else "") + f"; pass {key}={hint}")
+    return [Path(str(v)).expanduser() for v in values]
+
+
+def require_dataset(cfg: Any, key: str, hint: str) -> Path:
+    """``key`` names a folder with ``manifest*.jsonl`` (what prepare_data / extract_latents write)."""
+    root = require_dir(cfg, key, hint)
+    if not any(root.glob("manifest*.jsonl")):
+        raise UserError(f"{key}={str(root)!r} holds no manifest*.jsonl; pass {key}={hint}")
+    return root
+
+
+def require_finished(cfg: Any, key: str, path: Path | None) -> None:
+    """Refuse the checkpoint/snapshot ``path`` (given as ``key``) of a run that did not finish (its ``status.json``
+    says so), unless the config sets ``allow_partial=true``."""
+    if path is None or _get(cfg, "allow_partial"):
+        return
+    from shapee.train.status import unfinished_reason
+
+    reason = unfinished_reason(path)
+    if reason is not None:
+        raise UserError(f"{key}={reason}")
+
+
+def check_training_inputs(cfg: Any, *, data_hint: str) -> None:
+    """The inputs every training script reads, checked before a model is built: ``data.root`` (a prepared folder),
+    ``init_from`` (an existing file of a *finished* run unless ``allow_partial=true``), ``resume`` (auto | never |
+    an existing file) and, where the config has them, ``init_official`` and ``decoder``."""
+    require_dataset(cfg, "data.root", data_hint)
+    init_from = require_file(cfg, "init_from", "<checkpoint or snapshot .pt of an earlier run>", optional=True)
+    require_finished(cfg, "init_from", init_from)
+    resume = _get(cfg, "resume")
+    if resume not in (None, "", "auto", "never"):
+        require_file(cfg, "resume", "auto|never|<checkpoint last.pt>")
+    require_file(cfg, "init_official", "<released weights file>", optional=True)
+    require_file(cfg, "decoder", "<transmitter snapshot or transmitter.pt>", optional=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Progress bars: one rule for all of them.
+
+
+def progress_enabled(setting: bool | None = True) -> bool:
+    """Whether a progress bar shows: never when ``setting`` is false or ``SHAPEE_PROGRESS=0``; always with
+    ``SHAPEE_PROGRESS=1``; otherwise only when stderr is a terminal (logs of CI or ``nohup`` stay readable)."""
+    env = os.environ.get("SHAPEE_PROGRESS", "").strip().lower()
+    if setting is False or env in ("0", "false", "no", "off"):
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    stream = sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def progress_bar(iterable: Iterable | None = None, *, enabled: bool | None = True, **kwargs: Any):
+    """A tqdm bar (on stderr) shown by the rule of :func:`progress_enabled`; a disabled one costs nothing and
+    prints nothing. ``kwargs`` go to tqdm (``total``, ``desc``, ``unit``, ``initial``, ...)."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, disable=not progress_enabled(enabled), file=sys.stderr, **kwargs)
