@@ -3,42 +3,34 @@
     python scripts/export.py format=diffusers prior=<prior snapshot> transmitter=<encoder snapshot> out=<folder>
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
+from shapee.cli import UserError, require_key, require_weights, user_errors
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Before any model is loaded."""
+    if cfg.format != "diffusers":
+        raise UserError(f"format={cfg.format!r} is not supported; use format=diffusers")
+    require_key(cfg, "out", "<output folder>")
+    if not cfg.prior and not cfg.transmitter:
+        raise UserError("give prior=<prior snapshot> and/or transmitter=<encoder snapshot>")
+    require_weights(cfg, "prior", "<prior snapshot.pt>", optional=True)
+    require_weights(cfg, "transmitter", "<encoder snapshot.pt>", optional=True)
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+@user_errors("export", "builtins.ValueError", "builtins.FileNotFoundError", "builtins.ImportError",
+             "shapee.io.layout.OfficialCheckpointError", "shapee.io.loading.EncoderLoadError")
 def main(cfg: DictConfig) -> None:
-    from pathlib import Path
-
-    from shapee.io import CheckpointError, OfficialCheckpointError
-    from shapee.io.loading import EncoderLoadError
-
-    def fail(message: str) -> None:
-        print(f"export: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    if cfg.format != "diffusers":
-        fail(f"format={cfg.format!r} is not supported; use format=diffusers")
-    if not cfg.out:
-        fail("out=<folder> is required")
-    if not cfg.prior and not cfg.transmitter:
-        fail("give prior=<prior snapshot> and/or transmitter=<encoder snapshot>")
-    for key in ("prior", "transmitter"):
-        if cfg[key] and not Path(cfg[key]).exists():
-            fail(f"{key}={cfg[key]!r} does not exist")
-
+    check_inputs(cfg)
     from shapee.io.diffusers_format import export_diffusers
     from shapee.io.loading import load_prior, load_transmitter
 
-    try:
-        prior = load_prior(cfg.prior, official_name=cfg.prior_official) if cfg.prior else None
-        transmitter = load_transmitter(cfg.transmitter) if cfg.transmitter else None
-        out = export_diffusers(cfg.out, prior=prior, transmitter=transmitter)
-    except (ValueError, FileNotFoundError, CheckpointError, OfficialCheckpointError, EncoderLoadError, ImportError) as e:
-        fail(str(e))
+    prior = load_prior(cfg.prior, official_name=cfg.prior_official) if cfg.prior else None
+    transmitter = load_transmitter(cfg.transmitter) if cfg.transmitter else None
+    out = export_diffusers(cfg.out, prior=prior, transmitter=transmitter)
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 

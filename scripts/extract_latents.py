@@ -18,7 +18,7 @@ from shapee.cli import require_dataset, require_file, require_finished, require_
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="extract_latents")
-@user_errors("extract_latents", "shapee.train.extract.EncoderLoadError", "builtins.FileNotFoundError")
+@user_errors("extract_latents", "shapee.io.loading.EncoderLoadError", "builtins.FileNotFoundError")
 def main(cfg: DictConfig) -> None:
     # In seconds, before the encoder is built.
     require_dataset(cfg, "records", "<folder of prepared records (scripts/prepare_data.py)>")

@@ -45,6 +45,8 @@ USER_ERROR_TYPES = (
     "shapee.cli.UserError",
     "omegaconf.errors.MissingMandatoryValue",
     "shapee.io.checkpoint.CheckpointError",  # a missing, corrupt or mismatched checkpoint file
+    "shapee.io.layout.OfficialCheckpointError",  # a released-layout / diffusers file whose keys do not fit
+    "shapee.io.loading.EncoderLoadError",  # an encoder=/transmitter= file that is not a transmitter
 )
 
 
