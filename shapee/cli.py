@@ -204,7 +204,11 @@ def check_training_inputs(cfg: Any, *, data_hint: str) -> None:
     """The inputs every training script reads, checked before a model is built: ``data.root`` (a prepared folder),
     ``init_from`` (an existing file of a *finished* run unless ``allow_partial=true``), ``resume`` (auto | never |
     an existing file) and, where the config has them, ``init_official`` and ``decoder``."""
-    require_dataset(cfg, "data.root", data_hint)
+    if _get(cfg, "data.kind") == "cap3d":  # Cap3D's latents + caption file, as they ship
+        require_dir(cfg, "data.latents", "<folder of Cap3D <uid>.pt latents>")
+        require_file(cfg, "data.captions", "<Cap3D_automated_Objaverse*.csv or a {uid: caption} JSON>")
+    else:
+        require_dataset(cfg, "data.root", data_hint)
     init_from = require_file(cfg, "init_from", "<checkpoint or snapshot .pt of an earlier run>", optional=True)
     require_finished(cfg, "init_from", init_from)
     resume = _get(cfg, "resume")

@@ -105,8 +105,11 @@ def test_prepare_data_fails_when_no_record_was_produced(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     n_bad = len(list(Path(ASSETS_BAD).iterdir()))
-    assert lines == [f"prepare_data: error: no record was produced: {n_bad} of {n_bad} assets failed; why: "
-                     f"{tmp_path / 'out'}/failures*.jsonl"]
+    # The run's summary (records, colour sources, failures by kind) comes first; the error is the one last line.
+    assert lines[0].startswith("prepare_data: 0 records written") and any("failures by kind" in x for x in lines)
+    assert lines[-1] == (f"prepare_data: error: no record was produced: {n_bad} of {n_bad} assets failed; why: "
+                         f"{tmp_path / 'out'}/failures*.jsonl")
+    assert sum("error" in x for x in lines) == 1
 
 
 @pytest.mark.slow

@@ -106,7 +106,6 @@ def load_transmitter(
         raise EncoderLoadError(f"encoder checkpoint {str(path)!r} does not exist (or is not a file)")
     try:
         if path.suffix == ".safetensors":
-
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
