@@ -301,16 +301,19 @@ def test_extract_latents_script_refuses_a_tampered_encoder(legit, tmp_path):
 
 def test_evaluate_script_refuses_tampered_checkpoints(legit, tmp_path):
     victims, payload, path, key = _script_case(legit, tmp_path, "transmitter", "touch", "dict")
-    proc = run_script("evaluate.py", "task=encoder", f"ckpt={path}", f"data.root={tmp_path}",
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "manifest.jsonl").write_text("")  # passes the script's early data.root check; the checkpoint is refused
+    proc = run_script("evaluate.py", "task=encoder", f"ckpt={path}", f"data.root={records}",
                       f"out={tmp_path / 'e'}", "device=cpu", check=False)
-    _assert_script_refused(proc, path, key, payload, victims, rc=(1,))
+    _assert_script_refused(proc, path, key, payload, victims)
 
     victims, payload, path, key = _script_case(legit, tmp_path / "g", "prior_ckpt", "io.open", "top")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\n")
     proc = run_script("evaluate.py", "task=generation", f"ckpt={path}", f"prompts={prompts}",
                       f"decoder={legit['transmitter']}", f"out={tmp_path / 'g'}", "device=cpu", check=False)
-    _assert_script_refused(proc, path, key, payload, victims, rc=(1,))
+    _assert_script_refused(proc, path, key, payload, victims)
 
 
 def test_train_diffusion_script_refuses_a_tampered_decoder(legit, tmp_path):
@@ -321,5 +324,5 @@ def test_train_diffusion_script_refuses_a_tampered_decoder(legit, tmp_path):
     victims, payload, path, key = _script_case(legit, tmp_path, "transmitter", "open", "list")
     proc = run_script("train_diffusion.py", "experiment=tiny_prior", f"data.root={latents}",
                       f"run_dir={tmp_path / 'run'}", "trainer.max_steps=1", f"decoder={path}", check=False)
-    _assert_script_refused(proc, path, key, payload, victims, rc=(1,))
+    _assert_script_refused(proc, path, key, payload, victims)
     assert not (tmp_path / "run" / "checkpoints").exists()
