@@ -1,8 +1,8 @@
 """Encode prepared records into latents for the diffusion prior. See configs/extract_latents.yaml.
 
-    python scripts/extract_latents.py records=<records> encoder=<snapshot.pt | transmitter.pt> out=<latents>
+    python scripts/extract_latents.py records=<records> transmitter=<snapshot.pt | transmitter.pt> out=<latents>
         [batch_size=8] [cond=text|image] [encoder_format=auto|shapee|official]
-    torchrun --nproc_per_node=8 scripts/extract_latents.py records=... encoder=... out=...
+    torchrun --nproc_per_node=8 scripts/extract_latents.py records=... transmitter=... out=...
 
 Resumable: assets already listed in <out>/manifest*.jsonl are skipped. A broken record (unreadable, wrong shapes) is
 skipped and recorded in <out>/failures.jsonl and the run goes on (exit 0; the summary counts them); reruns skip
@@ -14,7 +14,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import require_dataset, require_file, require_finished, require_key, user_errors
+from shapee.cli import refuse_renamed_keys, require_dataset, require_file, require_finished, require_key, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="extract_latents")
@@ -22,8 +22,8 @@ from shapee.cli import require_dataset, require_file, require_finished, require_
 def main(cfg: DictConfig) -> None:
     # In seconds, before the encoder is built.
     require_dataset(cfg, "records", "<folder of prepared records (scripts/prepare_data.py)>")
-    encoder = require_file(cfg, "encoder", "<encoder snapshot.pt of a finished stage, or the released transmitter.pt>")
-    require_finished(cfg, "encoder", encoder)  # latents of a half-trained encoder would feed the prior silently
+    encoder = require_file(cfg, "transmitter", "<encoder snapshot.pt of a finished stage, or the released transmitter.pt>")
+    require_finished(cfg, "transmitter", encoder)  # latents of a half-trained encoder would feed the prior silently
     require_key(cfg, "out", "<output folder for the latents>")
     from shapee.train.extract import extract_latents
 
@@ -32,4 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_renamed_keys("extract_latents")
     main()

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. Latents of every asset, with their captions.
     step("extract latents", extract_latents, _compose(
         "extract_latents",
-        [f"records={records}", f"encoder={encoder}", f"out={latents}", "device=cpu", "num_workers=0",
+        [f"records={records}", f"transmitter={encoder}", f"out={latents}", "device=cpu", "num_workers=0",
          f"progress={progress}"],
     ), made=latents / "manifest.jsonl", built_from=[encoder])
     # 4. The tiny text prior.
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     step("train prior", train_diffusion, _compose(
         "train_diffusion",
         ["experiment=tiny_prior", f"data.root={latents}", f"run_dir={prior_dir}", *PRIOR,
-         *_trainer(args.prior_steps, 3e-3, 20), f"decoder={encoder}"],
+         *_trainer(args.prior_steps, 3e-3, 20), f"transmitter={encoder}"],
     ), run_dir=prior_dir, built_from=[latents / "manifest.jsonl"])
     # 5. Sample the prompt: mesh + turntable + latent.
     sample_cfg = _compose("sample", [
@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         # Tiny, briefly trained encoders can end with an SDF head that is negative everywhere (no surface); the
         # NeRF density usually still holds the shape, so decode the same latent that way too instead of stopping.
         print(f"\nnote: the STF (SDF) mesh of {args.prompt!r} is empty: the tiny encoder's SDF head has no surface "
-              f"after {args.distill_steps} distill steps. Decoding with decoder=nerf into {out / 'samples_nerf'}.")
+              f"after {args.distill_steps} distill steps. Decoding with head=nerf into {out / 'samples_nerf'}.")
         nerf_cfg = OmegaConf.to_container(sample_cfg, resolve=True)
-        nerf_cfg.update(decoder="nerf", out=str(out / "samples_nerf"))
+        nerf_cfg.update(head="nerf", out=str(out / "samples_nerf"))
         nerf_summary = step("sample (nerf)", sample_assets, nerf_cfg)
         print("\n" + format_report(nerf_summary))
         if nerf_summary["files"][0]["faces"] > 0:

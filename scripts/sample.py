@@ -10,11 +10,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from shapee.cli import UserError, is_diffusers_folder, progress_enabled, require_weights, user_errors
+from shapee.cli import UserError, is_diffusers_folder, refuse_renamed_keys, progress_enabled, require_weights, user_errors
 
 
 def check_inputs(cfg: DictConfig) -> None:
-    """Weights and inputs, before any model is built (``decoder=`` is the stf|nerf head, ``transmitter=`` the
+    """Weights and inputs, before any model is built (``head=`` is the stf|nerf head, ``transmitter=`` the
     weights that decode latents)."""
     if (cfg.prompt is None) == (cfg.image is None):
         raise UserError('give exactly one of prompt="..." (text prior) or image=<file> (image prior)')
@@ -23,8 +23,8 @@ def check_inputs(cfg: DictConfig) -> None:
             f"checkpoint={cfg.checkpoint!r}: pass checkpoint=ours, checkpoint=official or checkpoint=<diffusers Shap-E "
             "folder with prior/ and shap_e_renderer/>"
         )
-    if cfg.decoder not in ("stf", "nerf"):
-        raise UserError(f"decoder={cfg.decoder!r}: pass decoder=stf or decoder=nerf (the transmitter's head)")
+    if cfg.head not in ("stf", "nerf"):
+        raise UserError(f"head={cfg.head!r}: pass head=stf or head=nerf (the transmitter's head)")
     if cfg.checkpoint == "ours":
         missing = [k for k in ("prior", "transmitter") if not cfg.get(k)]
         if missing:
@@ -58,4 +58,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_renamed_keys("sample")
     main()

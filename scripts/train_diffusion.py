@@ -11,7 +11,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import StageInterrupted, check_training_inputs, user_errors
+from shapee.cli import StageInterrupted, check_training_inputs, refuse_renamed_keys, user_errors
 
 DATA_HINT = "<folder of latents (scripts/extract_latents.py)>"
 
@@ -29,4 +29,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_renamed_keys("train_diffusion")
     main()

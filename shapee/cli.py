@@ -121,6 +121,26 @@ def _get(cfg: Any, key: str) -> Any:
     return node
 
 
+# Keys that were renamed so that one name means one thing everywhere (transmitter= the weights that decode latents,
+# head= the stf|nerf head): script → {old key: new key}. An old key on the command line is a one-line error.
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "extract_latents": {"encoder": "transmitter"},
+    "train_diffusion": {"decoder": "transmitter"},
+    "sample": {"decoder": "head"},
+}
+
+
+def refuse_renamed_keys(script: str, argv: list[str] | None = None) -> None:
+    """Exit with one line (code 2) when the command line uses a key that ``script`` renamed; call before Hydra
+    parses (Hydra would only say the key is not in the config)."""
+    renamed = RENAMED_KEYS.get(script, {})
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in renamed:
+            new = renamed[key]
+            fail(script, f"{key}= was renamed to {new}=: pass {new}={value or '<value>'}")
+
+
 def require_key(cfg: Any, key: str, hint: str) -> Any:
     """The value of ``key``; a :class:`UserError` naming it and ``hint`` (what to pass) when it is not set."""
     value = _get(cfg, key)
@@ -203,7 +223,7 @@ def require_finished(cfg: Any, key: str, path: Path | None) -> None:
 def check_training_inputs(cfg: Any, *, data_hint: str) -> None:
     """The inputs every training script reads, checked before a model is built: ``data.root`` (a prepared folder),
     ``init_from`` (an existing file of a *finished* run unless ``allow_partial=true``), ``resume`` (auto | never |
-    an existing file) and, where the config has them, ``init_official`` and ``decoder``."""
+    an existing file) and, where the config has them, ``init_official`` and ``transmitter``."""
     if _get(cfg, "data.kind") == "cap3d":  # Cap3D's latents + caption file, as they ship
         require_dir(cfg, "data.latents", "<folder of Cap3D <uid>.pt latents>")
         require_file(cfg, "data.captions", "<Cap3D_automated_Objaverse*.csv or a {uid: caption} JSON>")
@@ -215,7 +235,7 @@ def check_training_inputs(cfg: Any, *, data_hint: str) -> None:
     if resume not in (None, "", "auto", "never"):
         require_file(cfg, "resume", "auto|never|<checkpoint last.pt>")
     require_file(cfg, "init_official", "<released weights file>", optional=True)
-    require_file(cfg, "decoder", "<transmitter snapshot or transmitter.pt>", optional=True)
+    require_file(cfg, "transmitter", "<transmitter snapshot or transmitter.pt>", optional=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

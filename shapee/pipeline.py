@@ -454,7 +454,7 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
     timings["load"] = time.perf_counter() - t
     generation = pipe.generate(
         inputs, n=int(cfg.get("n", 1)), seed=int(cfg.get("seed", 0)), guidance_scale=cfg.get("guidance_scale"),
-        steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), decoder=cfg.get("decoder", "stf"),
+        steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), decoder=cfg.get("head", "stf"),
         grid_size=int(cfg.get("grid_size", 128)), render_views=int(cfg.get("render_views", 20)),
         render_resolution=int(cfg.get("render_resolution", 64)), progress=bool(cfg.get("progress", False)),
         cuda_graph=cfg.get("cuda_graph"),

@@ -104,7 +104,7 @@ def extract_config(records: Path, encoder: Path, out: Path, **overrides) -> dict
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    args = [f"records={records}", f"encoder={encoder}", f"out={out}", "device=cpu", "progress=false", "num_workers=0"]
+    args = [f"records={records}", f"transmitter={encoder}", f"out={out}", "device=cpu", "progress=false", "num_workers=0"]
     args += [f"{k}={v}" for k, v in overrides.items()]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="extract_latents", overrides=args)

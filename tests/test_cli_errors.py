@@ -72,20 +72,20 @@ def test_extract_latents_refuses_the_encoder_of_an_unfinished_run(tmp_path):
     ckpts.mkdir(parents=True)
     (ckpts / "snapshot.pt").write_bytes(b"")
     (ckpts / "status.json").write_text(json.dumps({"finished": False, "step": 2, "max_steps": 5}))
-    proc, elapsed = _timed("extract_latents.py", f"records={records}", f"encoder={ckpts / 'snapshot.pt'}",
+    proc, elapsed = _timed("extract_latents.py", f"records={records}", f"transmitter={ckpts / 'snapshot.pt'}",
                            f"out={tmp_path / 'latents'}")
     line = _user_error(proc, elapsed, "extract_latents")
-    assert line.startswith("extract_latents: error: encoder=") and "did not finish (step 2 of 5" in line
+    assert line.startswith("extract_latents: error: transmitter=") and "did not finish (step 2 of 5" in line
     assert not (tmp_path / "latents").exists()
 
 
 def test_sample_without_weights_names_transmitter(tmp_path):
     line = _user_error(*_timed("sample.py", "prompt=a chair", f"out={tmp_path}"), "sample")
-    assert "transmitter=" in line and "prior=" in line and "decoder=" not in line
+    assert "transmitter=" in line and "prior=" in line and "decoder=" not in line and "head=" not in line
 
 
 def test_extract_latents_and_evaluate_without_inputs(tmp_path):
-    line = _user_error(*_timed("extract_latents.py", f"records={tmp_path / 'nope'}", "encoder=e.pt", "out=o"),
+    line = _user_error(*_timed("extract_latents.py", f"records={tmp_path / 'nope'}", "transmitter=e.pt", "out=o"),
                        "extract_latents")
     assert "records=" in line and "no such folder" in line
     line = _user_error(*_timed("evaluate.py", "task=encoder", f"ckpt={tmp_path / 'e.pt'}"), "evaluate")
@@ -142,3 +142,14 @@ def test_sigterm_stops_a_training_script_with_exit_3_and_its_snapshot_cannot_sta
     nxt = run_script("train_encoder.py", "experiment=tiny_distill", f"data.root={records}",
                      f"run_dir={base / 'distill'}", f"init_from={run_dir / 'checkpoints' / 'snapshot.pt'}", check=False)
     assert nxt.returncode == 2 and "did not finish" in nxt.stderr and "Traceback" not in nxt.stderr
+
+
+@pytest.mark.parametrize("script, old, new", [("extract_latents.py", "encoder", "transmitter"),
+                                              ("train_diffusion.py", "decoder", "transmitter"),
+                                              ("sample.py", "decoder", "head")])
+def test_renamed_keys_name_the_new_key_in_one_line(script, old, new):
+    # One name per thing: transmitter= is the weights that decode latents in every script, head= the stf|nerf head.
+    proc = run_script(script, f"{old}=x.pt", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"{script[:-3]}: error: {old}= was renamed to {new}=: pass {new}=x.pt"]

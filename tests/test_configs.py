@@ -14,7 +14,7 @@ PRIMARY = {
     "train_encoder": (["data.root=/tmp/records"], ["stage", "trainer"]),
     "train_pointe_sdf": (["data.root=/tmp/records"], ["trainer"]),
     "train_diffusion": (["data.root=/tmp/latents"], ["cond", "trainer"]),
-    "extract_latents": (["records=/tmp/r", "encoder=/tmp/e.pt", "out=/tmp/o"], ["cond"]),
+    "extract_latents": (["records=/tmp/r", "transmitter=/tmp/e.pt", "out=/tmp/o"], ["cond"]),
     "evaluate": (["task=encoder", "ckpt=/tmp/c.pt"], []),
     "sample": (["prompt=a chair"], []),
     "export": (["prior=/tmp/p.pt", "out=/tmp/o"], []),

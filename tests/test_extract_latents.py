@@ -207,7 +207,7 @@ def test_bad_encoders_and_inputs_raise_errors_that_name_them(inputs, tmp_path):
     with pytest.raises(ValueError, match="cond_view=7"):
         extract_latents(extract_config(records, encoder, tmp_path / "o2", cond="image", cond_view=7))
     # The script reports the problem and exits 2 instead of a traceback.
-    proc = run_script("extract_latents.py", f"records={records}", f"encoder={tmp_path / 'nope.pt'}",
+    proc = run_script("extract_latents.py", f"records={records}", f"transmitter={tmp_path / 'nope.pt'}",
                       f"out={tmp_path / 'o3'}", "progress=false", check=False)
     assert proc.returncode == 2 and "nope.pt" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -249,7 +249,7 @@ def test_a_corrupt_record_is_skipped_recorded_and_not_redone(inputs, tmp_path):
     good_bytes = bad.read_bytes()
     bad.write_bytes(good_bytes[: len(good_bytes) // 3])  # a truncated record
     out = tmp_path / "latents"
-    proc = run_script("extract_latents.py", f"records={records}", f"encoder={encoder}", f"out={out}", "device=cpu",
+    proc = run_script("extract_latents.py", f"records={records}", f"transmitter={encoder}", f"out={out}", "device=cpu",
                       "progress=false", "num_workers=0", "batch_size=2", check=False)
     assert proc.returncode == 0, proc.stderr
     assert "1 of 4 records failed" in proc.stderr and "failures.jsonl" in proc.stderr

@@ -117,7 +117,7 @@ def chain(tmp_path_factory) -> dict:
         step("encoder", train_encoder, _compose(
             "train_encoder", [*ENCODER, f"data.root={records}", f"run_dir={out / 'encoder'}"]))
         step("extract", extract_latents, OmegaConf.to_container(_compose("extract_latents", [
-            f"records={records}", f"encoder={encoder}", f"out={latents}", "device=cpu", "progress=false",
+            f"records={records}", f"transmitter={encoder}", f"out={latents}", "device=cpu", "progress=false",
             "num_workers=0"]), resolve=True))
         prior_metrics = step("prior", train_diffusion, _compose(
             "train_diffusion", [*PRIOR, f"data.root={latents}", f"run_dir={out / 'prior'}"]))

@@ -293,7 +293,7 @@ def test_extract_latents_script_refuses_a_tampered_encoder(legit, tmp_path):
         '"n_targets": 4, "n_points": 1024, "n_sdf": 0}\n'
     )
     victims, payload, path, key = _script_case(legit, tmp_path, "transmitter", "copyfile", "top")
-    proc = run_script("extract_latents.py", f"records={records}", f"encoder={path}", f"out={tmp_path / 'o'}",
+    proc = run_script("extract_latents.py", f"records={records}", f"transmitter={path}", f"out={tmp_path / 'o'}",
                       "device=cpu", "progress=false", check=False)
     _assert_script_refused(proc, path, key, payload, victims)
     assert "Traceback" not in proc.stderr
@@ -323,6 +323,6 @@ def test_train_diffusion_script_refuses_a_tampered_decoder(legit, tmp_path):
     write_latent_record(latents, asset_id="a", latent=torch.zeros(128, 64), captions=["a cube"])
     victims, payload, path, key = _script_case(legit, tmp_path, "transmitter", "open", "list")
     proc = run_script("train_diffusion.py", "experiment=tiny_prior", f"data.root={latents}",
-                      f"run_dir={tmp_path / 'run'}", "trainer.max_steps=1", f"decoder={path}", check=False)
+                      f"run_dir={tmp_path / 'run'}", "trainer.max_steps=1", f"transmitter={path}", check=False)
     _assert_script_refused(proc, path, key, payload, victims)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -47,7 +47,7 @@ def _tiny(ckpts, out, *extra: str) -> dict:
 
 def test_config_defaults():
     cfg = sample_cfg("prompt=a chair")
-    assert cfg["prompt"] == "a chair" and cfg["decoder"] == "stf" and cfg["checkpoint"] == "ours"
+    assert cfg["prompt"] == "a chair" and cfg["head"] == "stf" and cfg["checkpoint"] == "ours"
     assert cfg["steps"] == 64 and cfg["n"] == 1 and cfg["formats"] == ["glb", "ply"] and cfg["render_views"] == 20
 
 
@@ -80,7 +80,7 @@ def test_library_function_writes_meshes_gifs_and_latents(ckpts, tmp_path):
 
 
 def test_nerf_decoder_and_obj_format(ckpts, tmp_path):
-    summary = sample_assets(_tiny(ckpts, tmp_path, "prompt=a red cube", "decoder=nerf", "formats=[obj]",
+    summary = sample_assets(_tiny(ckpts, tmp_path, "prompt=a red cube", "head=nerf", "formats=[obj]",
                                   "render_views=0"))
     entry = summary["files"][0]
     assert entry["mesh_files"] == [str(tmp_path / "a_red_cube_0.obj")] and "gif" not in entry
@@ -107,7 +107,7 @@ def test_image_prior(ckpts, tmp_path):
         (["prompt=a chair", "prior=/nonexistent/prior.pt"], FileNotFoundError, "/nonexistent/prior.pt"),
         (["prompt=a chair", "transmitter=/nonexistent/enc.pt"], FileNotFoundError, "/nonexistent/enc.pt"),
         (["prompt=a chair", "checkpoint=theirs"], ValueError, "checkpoint must be"),
-        (["prompt=a chair", "decoder=voxels"], ValueError, "decoder must be one of"),
+        (["prompt=a chair", "head=voxels"], ValueError, "decoder must be one of"),
         (["prompt=a chair", "formats=[fbx]"], ValueError, "not mesh formats"),
     ],
 )

@@ -37,7 +37,7 @@ def test_script_trains_tiny_text_prior_with_eval_turntables(data, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_script(
         "train_diffusion.py", "experiment=tiny_prior", f"data.root={data['text']}", f"run_dir={run_dir}",
-        "trainer.max_steps=2", f"decoder={data['decoder']}",
+        "trainer.max_steps=2", f"transmitter={data['decoder']}",
     )
     metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert metrics["step"] == 2 and metrics["nonfinite_steps"] == 0
@@ -123,7 +123,7 @@ def test_mismatched_data_and_decoder_are_clear_errors(data, tmp_path):
     from shapee.train.extract import EncoderLoadError
 
     with pytest.raises(EncoderLoadError, match="nope.pt"):
-        train_diffusion(_cfg(*common, f"data.root={data['text']}", f"decoder={tmp_path / 'nope.pt'}"))
+        train_diffusion(_cfg(*common, f"data.root={data['text']}", f"transmitter={tmp_path / 'nope.pt'}"))
 
 
 def test_same_config_same_weights_whatever_the_process_drew_before(data, tmp_path):

@@ -5,7 +5,7 @@ shared training loop (EMA, precision, DDP, resume, logging come from :func:`shap
 Evaluation (every ``trainer.eval_every`` steps, rank 0, EMA weights): latents sampled for fixed conditioning (the
 first caption / conditioning view of the dataset's first assets, the same at every evaluation and with a fixed seed),
 their statistics next to the data's, a deterministic x₀ MSE of the eval assets at four fixed timesteps, and, given a
-``decoder=`` transmitter, NeRF turntables of the sampled latents as images.
+``transmitter=``, NeRF turntables of the sampled latents as images.
 """
 
 from __future__ import annotations
@@ -166,13 +166,12 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     dataset = build_latent_dataset(cfg.data, cond=model.cond_mode, latent_shape=model.latent_shape)
 
     decoder = None
-    if cfg.get("decoder"):
-
-        decoder = load_transmitter(cfg.decoder)
+    if cfg.get("transmitter"):
+        decoder = load_transmitter(cfg.transmitter)
         have = (decoder.encoder.latent_ctx, decoder.encoder.d_latent)
         if have != model.latent_shape:
             raise ValueError(
-                f"decoder={cfg.decoder!r} decodes latents {list(have)}, the prior makes {list(model.latent_shape)}"
+                f"transmitter={cfg.transmitter!r} decodes latents {list(have)}, the prior makes {list(model.latent_shape)}"
             )
     ev = cfg.eval
     eval_fn = prior_eval_fn(

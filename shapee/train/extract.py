@@ -190,7 +190,7 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         return summary
 
     official = OmegaConf.to_container(cfg.official, resolve=True) if cfg.get("official") else None
-    model = load_transmitter(cfg.encoder, encoder_format=cfg.encoder_format, official=official, device=device)
+    model = load_transmitter(cfg.transmitter, encoder_format=cfg.encoder_format, official=official, device=device)
     encoder = model.encoder
     if cond == "image" and not 0 <= int(cfg.cond_view) < encoder.n_views:
         raise ValueError(f"cond_view={cfg.cond_view} is not one of the encoder's {encoder.n_views} views")
@@ -248,7 +248,7 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                     clip_grid=None if grids is None else grids[b],
                     cond_image=None if views is None or grids is not None else views[b],
                     latent_dtype=cfg.latent_dtype,
-                    encoder=str(cfg.encoder),
+                    encoder=str(cfg.transmitter),
                     shard=shard,
                 )
             summary["extracted"] += len(batch["asset_id"])
