@@ -193,9 +193,17 @@ def mesh_files(mesh, path: str | os.PathLike) -> dict[Path, bytes]:
         return {path: _glb_bytes(mesh)}
     textured = _texture(mesh)
     if file_format == ".ply":
-        if textured is not None:  # PLY has no textures: the texture at the vertices as vertex colours
-            mesh = mesh.copy()
-            mesh.visual = mesh.visual.to_color()
+        if textured is not None:  # PLY has no textures: the texture at the vertices (bilinear) as vertex colours
+            import trimesh
+
+            from shapee.data.mesh import sample_texture
+
+            visual = mesh.visual
+            image = getattr(visual.material, "baseColorTexture", None) or visual.material.image
+            rgb = sample_texture(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0, textured[0])  # [V, 3]
+            rgba = np.concatenate([np.rint(np.clip(rgb, 0, 1) * 255), np.full((len(rgb), 1), 255)], axis=1)
+            mesh = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_colors=rgba.astype(np.uint8),
+                                   process=False)
         return {path: export_ply(mesh, encoding="binary", vertex_normal=False, include_attributes=False)}
     if textured is not None:
         uv, png = textured

@@ -116,10 +116,14 @@ def uv_atlas(vertices: np.ndarray, faces: np.ndarray, *, size: int = 1024, paddi
         raise RuntimeError(f"xatlas packed {atlas.atlas_count} atlases; expected one")
     vertex_map, indices, uvs = atlas[0]
     # xatlas keeps the face order; its UV origin is the atlas's top-left corner (y down): flip to v up.
-    uvs = np.asarray(uvs, dtype=np.float32).copy()
+    uvs = np.clip(np.asarray(uvs, dtype=np.float64), 0.0, 1.0)
     uvs[:, 1] = 1.0 - uvs[:, 1]
+    # xatlas packs charts up to the atlas border; a margin of half the gutter keeps bilinear lookups and mip levels
+    # off the image edge too, so the result does not depend on a viewer's wrap mode (we declare clamp-to-edge).
+    margin = 0.5 * padding / size
+    uvs = margin + uvs * (1.0 - 2.0 * margin)
     return UVAtlas(vertices=vertices[vertex_map], faces=np.asarray(indices, dtype=np.int64),
-                   uvs=np.clip(uvs, 0.0, 1.0), vertex_map=np.asarray(vertex_map, dtype=np.int64))
+                   uvs=uvs.astype(np.float32), vertex_map=np.asarray(vertex_map, dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ rasterising
