@@ -32,6 +32,7 @@ flips ``v`` into glTF's top-left convention.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -162,46 +163,53 @@ def rasterize_uv(
     hi = np.clip(np.ceil(xy.max(1) - 0.5 + border), 0, size - 1).astype(np.int64)  # [F, 2] last candidate col/row
     extent = hi - lo + 1  # [F, 2]
     counts = extent[:, 0] * extent[:, 1]  # [F] candidate texels per face
+    # Per face: corner a, edges e0 = b − a, e1 = c − a, 1/det, and the altitude onto each edge (corner i's weight
+    # w_i times the altitude over the opposite edge is the signed distance to that edge's line, negative outside).
+    a, e0, e1 = xy[:, 0], xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0]  # [F, 2] each
+    det = e0[:, 0] * e1[:, 1] - e0[:, 1] * e1[:, 0]  # [F] twice the signed area
+    valid = np.abs(det) > 1e-12  # degenerate UV triangles cover nothing
+    inv_det = np.where(valid, 1.0 / np.where(valid, det, 1.0), 0.0)
+    edge_len = np.stack([np.linalg.norm(xy[:, 2] - xy[:, 1], axis=1), np.linalg.norm(e1, axis=1),
+                         np.linalg.norm(e0, axis=1)], axis=1)  # [F, 3]: edge opposite corner 0, 1, 2
+    altitude = np.abs(det)[:, None] / np.maximum(edge_len, 1e-30)  # [F, 3]
     out_texel, out_face, out_bary, out_dist = [], [], [], []
     starts = np.concatenate([[0], np.cumsum(counts)])
     f0 = 0
     while f0 < len(counts):  # chunks of faces with at most max_pairs candidate pairs (at least one face)
-        f1 = int(np.searchsorted(starts, starts[f0] + max_pairs, side="right")) - 1
-        f1 = max(f1, f0 + 1)
+        f1 = max(int(np.searchsorted(starts, starts[f0] + max_pairs, side="right")) - 1, f0 + 1)
         face = np.repeat(np.arange(f0, f1), counts[f0:f1])  # [K]
         local = np.arange(len(face)) - np.repeat(starts[f0:f1] - starts[f0], counts[f0:f1])  # [K] index in bbox
-        col = lo[face, 0] + local % extent[face, 0]
-        row = lo[face, 1] + local // extent[face, 0]
-        p = np.stack([col + 0.5, row + 0.5], axis=-1)  # [K, 2] texel centres
-        a, b, c = xy[face, 0], xy[face, 1], xy[face, 2]  # [K, 2] each
-        # Barycentrics of the centre (signed areas); degenerate UV triangles have none and are skipped.
-        e0, e1, ep = b - a, c - a, p - a
-        det = e0[:, 0] * e1[:, 1] - e0[:, 1] * e1[:, 0]  # [K]
-        ok = np.abs(det) > 1e-12
-        safe = np.where(ok, det, 1.0)
-        w1 = (ep[:, 0] * e1[:, 1] - ep[:, 1] * e1[:, 0]) / safe
-        w2 = (e0[:, 0] * ep[:, 1] - e0[:, 1] * ep[:, 0]) / safe
-        bary = np.stack([1.0 - w1 - w2, w1, w2], axis=-1)  # [K, 3]
-        inside = ok & (bary >= -1e-9).all(-1)
+        width = extent[face, 0]
+        col = lo[face, 0] + local % width
+        row = lo[face, 1] + local // width
+        px, py = col + 0.5 - a[face, 0], row + 0.5 - a[face, 1]  # [K] texel centre relative to corner a
+        w1 = (px * e1[face, 1] - py * e1[face, 0]) * inv_det[face]
+        w2 = (e0[face, 0] * py - e0[face, 1] * px) * inv_det[face]
+        w0 = 1.0 - w1 - w2
+        alt = altitude[face]  # [K, 3]
+        # Distance to the farthest edge line: ≤ 0 inside, and a lower bound of the distance to the triangle outside.
+        line = np.maximum(np.maximum(-w0 * alt[:, 0], -w1 * alt[:, 1]), -w2 * alt[:, 2])
+        keep = valid[face] & (line <= max(border, 1e-9))
+        face, row, col, line = face[keep], row[keep], col[keep], line[keep]
+        bary = np.stack([w0[keep], w1[keep], w2[keep]], axis=-1)  # [K', 3]
         dist = np.zeros(len(face))
-        if border > 0:  # outside the face: the nearest point on its three edges
-            out = ok & ~inside
-            t_ab, d_ab = _closest_on_segments(p[out], a[out], b[out])
-            t_bc, d_bc = _closest_on_segments(p[out], b[out], c[out])
-            t_ca, d_ca = _closest_on_segments(p[out], c[out], a[out])
+        out = line > 1e-9  # outside, within reach of the border test: the nearest point on the three edges
+        if out.any():
+            p = np.stack([col[out] + 0.5, row[out] + 0.5], axis=-1)  # [K_out, 2]
+            tri = xy[face[out]]  # [K_out, 3, 2]
+            t_ab, d_ab = _closest_on_segments(p, tri[:, 0], tri[:, 1])
+            t_bc, d_bc = _closest_on_segments(p, tri[:, 1], tri[:, 2])
+            t_ca, d_ca = _closest_on_segments(p, tri[:, 2], tri[:, 0])
             d = np.stack([d_ab, d_bc, d_ca], axis=-1)  # [K_out, 3]
             edge = d.argmin(-1)
             t = np.choose(edge, [t_ab, t_bc, t_ca])
             near = np.zeros((len(t), 3))
             k = np.arange(len(t))
-            # edge j runs from corner j to corner (j + 1) % 3: weights 1 − t and t
-            near[k, edge] = 1.0 - t
+            near[k, edge] = 1.0 - t  # edge j runs from corner j to corner (j + 1) % 3
             near[k, (edge + 1) % 3] = t
             bary[out] = near
             dist[out] = np.sqrt(d[k, edge])
-            keep = inside | (out & (dist <= border))
-        else:
-            keep = inside
+        keep = dist <= border
         out_texel.append((row * size + col)[keep])
         out_face.append(face[keep])
         out_bary.append(bary[keep])
@@ -221,18 +229,30 @@ def dilate(texture: Tensor, mask: Tensor, iterations: int = DILATION) -> tuple[T
     pass gives every empty texel with a filled 8-neighbour the mean of its filled neighbours. Returns both grown."""
     x = texture.permute(2, 0, 1)[None] * mask[None, None]  # [1, C, H, W]
     m = mask[None, None].to(texture.dtype)  # [1, 1, H, W]
-    kernel = torch.ones(1, 1, 3, 3, dtype=texture.dtype, device=texture.device)
-    channels = x.shape[1]
     for _ in range(iterations):
-        total = torch.nn.functional.conv2d(x, kernel.expand(channels, 1, 3, 3), padding=1, groups=channels)
-        count = torch.nn.functional.conv2d(m, kernel, padding=1)  # [1, 1, H, W]
-        grow = (m == 0) & (count > 0)
+        # 3×3 box sums of the colours and of the filled mask (average pooling counts the zero padding, × 9 = sums)
+        total = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True) * 9.0
+        count = torch.nn.functional.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=True) * 9.0
+        grow = (m == 0) & (count > 0.5)
         x = torch.where(grow, total / count.clamp_min(1), x)
         m = torch.where(grow, torch.ones_like(m), m)
     return x[0].permute(1, 2, 0), m[0, 0] > 0
 
 
 # ---------------------------------------------------------------------------------------------------- baking
+class _Clock:
+    """Adds the seconds since the previous call to ``timings[name]`` (no-op without a dict)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings, self.last = timings, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+            self.last = now
+
+
 def _as_colours(value, n: int) -> Tensor:
     rgb = torch.as_tensor(value).detach().float().cpu()
     if rgb.shape != (n, 3):
@@ -252,13 +272,16 @@ def bake(
     border: float = BORDER,
     dilation: int = DILATION,
     device: torch.device | str = "cpu",
+    timings: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bake ``colour_fn`` into a ``size × size`` texture over the atlas (``uvs`` ``[V, 2]``, one per vertex).
 
     The colour function gets the surface points ``[n, 3]`` (float32 on ``device``), ``batch_points`` at a time.
     Returns the texture ``[size, size, 3]`` float32 sRGB in [0, 1] (row 0 = top = v 1) and ``covered``
     ``[size, size]`` bool (texels inside or within ``border`` texels of a UV triangle, i.e. queried).
+    ``timings``: if given, seconds of ``rasterize``, ``query`` and ``dilate`` are added to it (benchmarks).
     """
+    clock = _Clock(timings)
     if isinstance(size, bool) or int(size) < 2:
         raise ValueError(f"texture size must be an integer >= 2, got {size!r}")
     size = int(size)
@@ -267,10 +290,12 @@ def bake(
     texel, face, bary, _ = rasterize_uv(uvs, faces, size, border=border)
     corners = vertices[faces[face]]  # [K, 3, 3]
     points = torch.from_numpy(np.einsum("kc,kcd->kd", bary, corners).astype(np.float32))  # [K, 3]
+    clock("rasterize")
     colours = torch.empty(len(points), 3)
     for i in range(0, len(points), batch_points):  # batches of points: bounded memory for any texture size
         chunk = points[i:i + batch_points].to(device)
         colours[i:i + batch_points] = _as_colours(colour_fn(chunk), len(chunk))
+    clock("query")
     flat = torch.zeros(size * size, 3)
     flat[torch.from_numpy(texel)] = colours.clamp(0, 1)
     covered = torch.zeros(size * size, dtype=torch.bool)
@@ -278,6 +303,7 @@ def bake(
     texture, filled = dilate(flat.view(size, size, 3), covered.view(size, size), dilation)
     if filled.any():  # the rest of the gutter: the mean colour, so coarse mip levels do not pull toward black
         texture[~filled] = colours.clamp(0, 1).mean(0) if len(colours) else 0.0
+    clock("dilate")
     return texture.numpy(), covered.view(size, size).numpy()
 
 
@@ -313,16 +339,18 @@ def bake_mesh(
     dilation: int = DILATION,
     batch_points: int = 1 << 16,
     device: torch.device | str = "cpu",
+    timings: dict[str, float] | None = None,
 ):
     """The one export path from geometry + colour field to a ``trimesh.Trimesh``.
 
     ``target_faces``: decimate first (:func:`decimate`); ``texture_size > 0``: UV atlas + baked ``texture_size²``
     texture (:func:`uv_atlas`, :func:`bake`); ``texture_size = 0``: sRGB vertex colours, the colour field queried
     at the (decimated) vertices. ``vertices`` ``[V, 3]``, ``faces`` ``[F, 3]`` (numpy or torch). A mesh without
-    faces gives an empty ``trimesh.Trimesh``.
+    faces gives an empty ``trimesh.Trimesh``. ``timings``: if given, seconds per step are added to it.
     """
     import trimesh
 
+    clock = _Clock(timings)
     vertices = (vertices.detach().cpu().numpy() if isinstance(vertices, Tensor) else np.asarray(vertices)).astype(
         np.float32)
     faces = (faces.detach().cpu().numpy() if isinstance(faces, Tensor) else np.asarray(faces)).astype(np.int64)
@@ -330,17 +358,23 @@ def bake_mesh(
         return trimesh.Trimesh()
     if target_faces is not None:
         vertices, faces = decimate(vertices, faces, target_faces)
+        clock("decimate")
     if not texture_size:
         with torch.no_grad():
             points = torch.from_numpy(vertices)
             colours = torch.cat([_as_colours(colour_fn(points[i:i + batch_points].to(device)),
                                              len(points[i:i + batch_points]))
                                  for i in range(0, len(points), batch_points)])
+        clock("query")
         return _vertex_coloured_trimesh(vertices, faces, colours.numpy())
     atlas = uv_atlas(vertices, faces, size=texture_size, padding=padding)
+    clock("atlas")
     texture, _ = bake(colour_fn, atlas.vertices, atlas.faces, atlas.uvs, texture_size, batch_points=batch_points,
-                      dilation=dilation, device=device)
-    return textured_trimesh(atlas.vertices, atlas.faces, atlas.uvs, texture)
+                      dilation=dilation, device=device, timings=timings)
+    clock.last = time.perf_counter()
+    mesh = textured_trimesh(atlas.vertices, atlas.faces, atlas.uvs, texture)
+    clock("trimesh")
+    return mesh
 
 
 def to_data_mesh(mesh):
