@@ -23,7 +23,8 @@ import torch
 from shapee.cameras import Cameras, orbit_cameras
 from shapee.render.texture import ColourFn, bake_mesh, to_data_mesh
 
-__all__ = ["QUALITY_KEYS", "exact_field_views", "texture_quality"]
+__all__ = ["QUALITY_KEYS", "asset_colour_fn", "exact_field_views", "format_quality", "texture_quality",
+           "texture_quality_assets", "texture_quality_dataset"]
 
 QUALITY_KEYS = ("full_vertex", "decimated_vertex", "decimated_texture")
 
@@ -106,3 +107,121 @@ def texture_quality(
             result["albedo"][key] = _psnr(images["albedo"], exact["albedo"])
     result["faces"] = {"full": int(len(faces)), "decimated": int(len(meshes["decimated_vertex"].faces))}
     return result
+
+
+# ---------------------------------------------------------------------------------------------- tables for README
+def asset_colour_fn(mesh) -> ColourFn:
+    """The colour of a real asset (a :class:`shapee.data.mesh.Mesh`: texture, vertex or material colours) as a
+    colour field: the albedo at the nearest point of its surface (for texels and vertices of a decimated copy)."""
+    import trimesh
+
+    surface = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+
+    def colour_fn(points: torch.Tensor) -> torch.Tensor:
+        p = points.detach().cpu().double().numpy()
+        closest, _, face = trimesh.proximity.closest_point(surface, p)
+        bary = trimesh.triangles.points_to_barycentric(surface.triangles[face], closest)
+        return torch.from_numpy(mesh.albedo(face, np.clip(bary, 0, 1).astype(np.float32)))
+
+    return colour_fn
+
+
+def texture_quality_assets(paths, *, target_faces: int, texture_size: int, views: int = 8,
+                           resolution: int = 128) -> list[dict[str, Any]]:
+    """:func:`texture_quality` of real mesh files (loaded with :func:`shapee.data.mesh.load_mesh`, so normalised to
+    [-1, 1]³): the colour field is the asset's own colour (:func:`asset_colour_fn`), the targets the renders of the
+    original asset (its colours sampled per pixel, as the dataset renders it)."""
+    from pathlib import Path
+
+    from shapee.data.mesh import load_mesh
+    from shapee.data.render import render_views
+
+    rows = []
+    cameras = orbit_cameras(views, resolution=resolution)
+    for path in paths:
+        mesh = load_mesh(path)
+        images = render_views(mesh, cameras, backend="embree", outputs=("rgb", "albedo"))
+        result = texture_quality(asset_colour_fn(mesh), mesh.vertices, mesh.faces, target_faces=target_faces,
+                                 texture_size=texture_size, cameras=cameras, targets=images["rgb"])
+        rows.append({"asset": Path(path).name, **result})
+    return rows
+
+
+def texture_quality_dataset(model, dataset, *, target_faces: int, texture_size: int, grid_size: int = 64,
+                            head: str = "stf", seed: int = 0) -> list[dict[str, Any]]:
+    """:func:`texture_quality` of every asset of an ``AssetDataset`` encoded by a trained ``model``
+    (:class:`~shapee.models.Transmitter`): its mesh at ``grid_size``³, its ``head`` colour head as the field, and the
+    records' target views (real renders of the source asset, all target views) as the targets."""
+    from shapee.data.dataset import collate_assets
+    from shapee.models.transmitter import batch_cameras
+    from shapee.render.texture import transmitter_colour_fn
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    rows = []
+    for index in range(len(dataset)):  # a loop over assets
+        batch = collate_assets([dataset[index]])
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.no_grad():
+            latent = model.encode(batch, generator=generator)[0]  # [n_ctx, d]
+        mesh = model.to_mesh(latent, grid_size=grid_size)
+        if len(mesh.faces) == 0:
+            rows.append({"asset": dataset.records[index].asset_id, "empty_mesh": True})
+            continue
+        cameras = batch_cameras(batch, "target")[0].to("cpu")
+        targets = batch["target_rgb"][0].float().cpu().numpy()  # [T, H, W, 3]
+        result = texture_quality(transmitter_colour_fn(model, latent, head), mesh.vertices, mesh.faces,
+                                 target_faces=target_faces, texture_size=texture_size, cameras=cameras,
+                                 targets=targets)
+        rows.append({"asset": dataset.records[index].asset_id, **result})
+    return rows
+
+
+def format_quality(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the rows (PSNR of the lit renders; albedo where the targets allow) and their means."""
+    lines = ["| asset | faces full → decimated | (a) full, vertex colours | (b) decimated, vertex colours | "
+             "(c) decimated, baked texture |", "| --- | --- | --- | --- | --- |"]
+    done = [r for r in rows if "rgb" in r]
+    for r in done:
+        cells = [f"{r['rgb'][k]:.2f}" for k in QUALITY_KEYS]
+        lines.append(f"| {r['asset']} | {r['faces']['full']} → {r['faces']['decimated']} | " + " | ".join(cells) + " |")
+    if done:
+        means = [np.mean([r["rgb"][k] for r in done]) for k in QUALITY_KEYS]
+        lines.append("| **mean** | | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m shapee.eval.texture --asset mesh.obj ... | --transmitter snapshot.pt --data records/`` → table."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--asset", action="append", default=[], help="a mesh file (repeatable)")
+    parser.add_argument("--transmitter", default=None, help="a transmitter snapshot (with --data)")
+    parser.add_argument("--data", default=None, help="records folder (scripts/prepare_data.py out=)")
+    parser.add_argument("--faces", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--grid", type=int, default=64, help="marching-cubes grid of the encoded assets")
+    parser.add_argument("--head", default="stf", choices=["stf", "nerf"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    if args.asset:
+        rows += texture_quality_assets(args.asset, target_faces=args.faces, texture_size=args.size)
+    if args.transmitter:
+        from shapee.data.dataset import AssetDataset
+        from shapee.train.extract import load_transmitter
+
+        model = load_transmitter(args.transmitter)
+        rows += texture_quality_dataset(model, AssetDataset(args.data), target_faces=args.faces,
+                                        texture_size=args.size, grid_size=args.grid, head=args.head)
+    print(format_quality(rows))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
