@@ -23,8 +23,8 @@ import torch
 from shapee.cameras import Cameras, orbit_cameras
 from shapee.render.texture import ColourFn, bake_mesh, to_data_mesh
 
-__all__ = ["QUALITY_KEYS", "asset_colour_fn", "exact_field_views", "format_quality", "texture_quality",
-           "texture_quality_assets", "texture_quality_dataset"]
+__all__ = ["QUALITY_KEYS", "analytic_surface", "asset_colour_fn", "exact_field_views", "format_quality", "stripes",
+           "texture_quality", "texture_quality_assets", "texture_quality_dataset"]
 
 QUALITY_KEYS = ("full_vertex", "decimated_vertex", "decimated_texture")
 
@@ -126,6 +126,29 @@ def asset_colour_fn(mesh) -> ColourFn:
     return colour_fn
 
 
+def stripes(points: torch.Tensor) -> torch.Tensor:
+    """An analytic sRGB colour field with detail at ~0.1 world units: ``[N, 3]`` → ``[N, 3]`` in (0, 1)."""
+    x, y, z = points.unbind(-1)
+    return 0.5 + 0.45 * torch.stack([torch.sin(9 * x), torch.cos(7 * y + 2 * z), torch.sin(11 * z * x)], -1)
+
+
+def analytic_surface(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Test surfaces for :func:`stripes`: ``sphere`` (icosphere, 20,480 faces, radius 0.9) or ``box`` (side 1.4,
+    12,288 faces on planar sides, so decimation keeps its geometry exactly and only colour is compared)."""
+    import trimesh
+
+    if name == "sphere":
+        mesh = trimesh.creation.icosphere(subdivisions=5, radius=0.9)
+        return np.asarray(mesh.vertices), np.asarray(mesh.faces)
+    if name == "box":
+        mesh = trimesh.creation.box(extents=(1.4, 1.4, 1.4))
+        v, f = mesh.vertices, mesh.faces
+        for _ in range(5):
+            v, f = trimesh.remesh.subdivide(v, f)
+        return np.asarray(v), np.asarray(f)
+    raise ValueError(f"analytic surface must be 'sphere' or 'box', got {name!r}")
+
+
 def texture_quality_assets(paths, *, target_faces: int, texture_size: int, views: int = 8,
                            resolution: int = 128) -> list[dict[str, Any]]:
     """:func:`texture_quality` of real mesh files (loaded with :func:`shapee.data.mesh.load_mesh`, so normalised to
@@ -178,7 +201,7 @@ def texture_quality_dataset(model, dataset, *, target_faces: int, texture_size: 
 
 
 def format_quality(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of the rows (PSNR of the lit renders; albedo where the targets allow) and their means."""
+    """A markdown table of the rows (PSNR of the lit renders, dB) and their means."""
     lines = ["| asset | faces full → decimated | (a) full, vertex colours | (b) decimated, vertex colours | "
              "(c) decimated, baked texture |", "| --- | --- | --- | --- | --- |"]
     done = [r for r in rows if "rgb" in r]
@@ -198,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--asset", action="append", default=[], help="a mesh file (repeatable)")
+    parser.add_argument("--analytic", action="append", default=[], choices=["sphere", "box"],
+                        help="an analytic surface with the stripes colour field (repeatable)")
     parser.add_argument("--transmitter", default=None, help="a transmitter snapshot (with --data)")
     parser.add_argument("--data", default=None, help="records folder (scripts/prepare_data.py out=)")
     parser.add_argument("--faces", type=int, default=1000)
@@ -207,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = []
+    for name in args.analytic:
+        v, f = analytic_surface(name)
+        result = texture_quality(stripes, v, f, target_faces=args.faces, texture_size=args.size)
+        rows.append({"asset": f"{name} (stripes field)", **result})
     if args.asset:
         rows += texture_quality_assets(args.asset, target_faces=args.faces, texture_size=args.size)
     if args.transmitter:
