@@ -314,3 +314,14 @@ def test_pipeline_turntables_show_the_textured_mesh(tmp_path, box_decoder):
     assert red > 2 * green  # the turntable shows the texture's colour (not a default grey or white material)
     # Same surface, same colour field: the textured turntable shows what the dense vertex colours show.
     assert (a - b).abs().mean() < 0.01
+
+
+def test_on_a_curved_surface_the_texture_wins_where_both_see_the_surface():
+    from shapee.eval.texture import stripes, texture_quality
+
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.9)  # 5120 faces
+    result = texture_quality(stripes, sphere.vertices, sphere.faces, target_faces=300, texture_size=256, views=3,
+                             resolution=64)
+    colour = result["albedo_on_surface"]  # the polygonal silhouette is shared by (b) and (c): compare colour only
+    assert colour["decimated_texture"] > colour["decimated_vertex"] + 6
+    assert result["rgb"]["decimated_texture"] > result["rgb"]["decimated_vertex"]

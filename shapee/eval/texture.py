@@ -33,7 +33,7 @@ def exact_field_views(colour_fn: ColourFn, vertices: np.ndarray, faces: np.ndarr
                       cameras: Cameras) -> dict[str, np.ndarray]:
     """Renders of the mesh whose albedo at every pixel is ``colour_fn`` at that pixel's own surface point (the colour
     field without any per-vertex or per-texel sampling): ``rgb`` (dataset lighting) and flat ``albedo``, both
-    ``[N, H, W, 3]`` sRGB on black."""
+    ``[N, H, W, 3]`` sRGB on black, and ``alpha`` ``[N, H, W]`` (1 where the surface is seen)."""
     from shapee.data.mesh import Mesh
     from shapee.data.render import rasterize
     from shapee.render.lighting import shade_basic
@@ -53,6 +53,9 @@ def exact_field_views(colour_fn: ColourFn, vertices: np.ndarray, faces: np.ndarr
         image = np.zeros((n * h * w, 3), np.float32)
         image[fragments.pixel] = values
         out[name] = image.reshape(n, h, w, 3)
+    alpha = np.zeros(n * h * w, np.float32)
+    alpha[fragments.pixel] = 1.0
+    out["alpha"] = alpha.reshape(n, h, w)
     return out
 
 
@@ -78,8 +81,10 @@ def texture_quality(
     seen by ``cameras``; default: :func:`exact_field_views` from ``views`` pan cameras at ``resolution``).
 
     Returns ``{"rgb": {key: psnr}, "faces": {"full", "decimated"}}`` and, with the default targets, ``"albedo"``:
-    the PSNR of the flat albedo renders. The lit renders also carry the facets of the decimated geometry (flat face
-    normals change the lighting; it hits both decimated variants alike), the albedo isolates the colour.
+    the PSNR of the flat albedo renders, and ``"albedo_on_surface"``: the same over the pixels where both the
+    target and the render see the surface. The lit renders also carry the geometry of the decimated mesh (its
+    polygonal silhouette, whose few pixels of object-vs-black dominate the error of a curved shape, and flat facets
+    that light differently); both decimated variants share that error, and the masked albedo isolates the colour.
     """
     from shapee.data.render import render_views
 
@@ -99,12 +104,14 @@ def texture_quality(
     }
     result: dict[str, Any] = {"rgb": {}}
     if exact is not None:
-        result["albedo"] = {}
+        result["albedo"], result["albedo_on_surface"] = {}, {}
     for key, mesh in meshes.items():
-        images = render_views(to_data_mesh(mesh), cameras, backend="embree", outputs=("rgb", "albedo"))
+        images = render_views(to_data_mesh(mesh), cameras, backend="embree", outputs=("rgb", "albedo", "alpha"))
         result["rgb"][key] = _psnr(images["rgb"], np.asarray(targets, dtype=np.float32))
         if exact is not None:
             result["albedo"][key] = _psnr(images["albedo"], exact["albedo"])
+            both = (images["alpha"] > 0) & (exact["alpha"] > 0)  # [N, H, W]
+            result["albedo_on_surface"][key] = _psnr(images["albedo"][both], exact["albedo"][both])
     result["faces"] = {"full": int(len(faces)), "decimated": int(len(meshes["decimated_vertex"].faces))}
     return result
 
@@ -201,16 +208,18 @@ def texture_quality_dataset(model, dataset, *, target_faces: int, texture_size: 
 
 
 def format_quality(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of the rows (PSNR of the lit renders, dB) and their means."""
+    """A markdown table of the rows: PSNR (dB) of the lit renders, and in brackets of the albedo on the pixels both
+    renders see (analytic fields only)."""
     lines = ["| asset | faces full → decimated | (a) full, vertex colours | (b) decimated, vertex colours | "
              "(c) decimated, baked texture |", "| --- | --- | --- | --- | --- |"]
     done = [r for r in rows if "rgb" in r]
     for r in done:
-        cells = [f"{r['rgb'][k]:.2f}" for k in QUALITY_KEYS]
+        cells = [f"{r['rgb'][k]:.2f}" + (f" ({r['albedo_on_surface'][k]:.2f})" if "albedo_on_surface" in r else "")
+                 for k in QUALITY_KEYS]
         lines.append(f"| {r['asset']} | {r['faces']['full']} → {r['faces']['decimated']} | " + " | ".join(cells) + " |")
     if done:
         means = [np.mean([r["rgb"][k] for r in done]) for k in QUALITY_KEYS]
-        lines.append("| **mean** | | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+        lines.append("| **mean** (lit) | | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
     return "\n".join(lines)
 
 
