@@ -116,7 +116,8 @@ def uv_atlas(vertices: np.ndarray, faces: np.ndarray, *, size: int = 1024, paddi
     if atlas.atlas_count != 1:  # resolution + estimated density packs into one atlas; anything else is a surprise
         raise RuntimeError(f"xatlas packed {atlas.atlas_count} atlases; expected one")
     vertex_map, indices, uvs = atlas[0]
-    # xatlas keeps the face order; its UV origin is the atlas's top-left corner (y down): flip to v up.
+    # xatlas keeps the face order. Its v counts atlas rows downward; flipped here to v up so that the atlas image
+    # and the texture agree (the bake only needs the UVs and the texture to share a convention, which they do).
     uvs = np.clip(np.asarray(uvs, dtype=np.float64), 0.0, 1.0)
     uvs[:, 1] = 1.0 - uvs[:, 1]
     # xatlas packs charts up to the atlas border; a margin of half the gutter keeps bilinear lookups and mip levels
