@@ -274,7 +274,7 @@ class _To3D(ABC):
             cuda_graph: replay the sampler's denoiser calls from a captured CUDA graph (``None``: on CUDA).
             texture, faces, texture_head: the export form of the meshes (:meth:`finish_meshes`): decimated to
                 ``faces``, with a ``texture²`` texture baked from the colour head ``texture_head`` (``stf``/``nerf``;
-                ``None``: the decoder's); the turntables then show these meshes. Defaults: MC vertex colours.
+                ``None``: the decoder's); ``stf`` turntables then show these meshes. Default: MC vertex colours.
         """
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
