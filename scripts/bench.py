@@ -11,6 +11,7 @@
     python scripts/bench.py nerf [--precision auto|bf16|fp32]           # rays/s, seconds per 64² view
     python scripts/bench.py denoiser [--batch-size 2] [--cond text|image] [--compile] [--cuda-graph]
     python scripts/bench.py prompt_to_mesh [--steps 64] [--guidance 15] [--grid 128] [--no-cuda-graph]
+    python scripts/bench.py texture [--size 1024] [--faces 20000] [--model release|tiny]   # decimate + atlas + bake
     python scripts/bench.py train [--model encoder|prior] [--preset tiny|official] [--batch-size N] [--stage nerf]
         [--compile] [--checkpoint] [--[no-]fused-optimizer]
 
@@ -118,6 +119,15 @@ def cmd_prompt_to_mesh(args: argparse.Namespace) -> None:
     _write(r, args.json or "runs/bench/prompt_to_mesh.json")
 
 
+def cmd_texture(args: argparse.Namespace) -> None:
+    from shapee.benchmarks.texture import bench_texture, format_texture
+
+    r = bench_texture(texture_size=args.size, faces=args.faces or None, model=args.model, grid_size=args.grid,
+                      repeats=args.repeats, warmup=args.warmup, device=args.device)
+    print(format_texture(r))
+    _write(r, args.json or "runs/bench/texture.json")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from shapee.benchmarks.training import bench_training, format_training_table
 
@@ -222,6 +232,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_prompt_to_mesh)
+
+    p = sub.add_parser("texture", help="decimate + UV atlas + texture baked from the colour head; file sizes")
+    p.add_argument("--size", type=int, default=1024, help="texture size (texels per side)")
+    p.add_argument("--faces", type=int, default=20_000, help="decimate to this many faces (0: keep the MC mesh)")
+    p.add_argument("--model", default="release", choices=["release", "tiny"], help="colour head: released size or tiny")
+    p.add_argument("--grid", type=int, default=128, help="marching-cubes grid of the benchmark surface")
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_texture)
 
     p = sub.add_parser("train", help="training throughput (assets/s, latents/s), peak memory, MFU on GPU")
     p.add_argument("--model", default="both", choices=["encoder", "prior", "both"])

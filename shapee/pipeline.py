@@ -193,6 +193,9 @@ class _To3D(ABC):
         render_resolution: int = 64,
         progress: bool = False,
         cuda_graph: bool | None = None,
+        texture: int = 0,
+        faces: int | None = None,
+        texture_head: str | None = None,
     ) -> Generation:
         """Sample ``n`` latents per input, decode each into a mesh, optionally render turntables; with timings.
 
@@ -206,6 +209,9 @@ class _To3D(ABC):
             grid_size: marching-cubes grid (128³ as released).
             render_views, render_resolution: turntable frames per sample (0: none) and their size.
             cuda_graph: replay the sampler's denoiser calls from a captured CUDA graph (``None``: on CUDA).
+            texture, faces, texture_head: the export form of the meshes (:meth:`finish_meshes`): decimated to
+                ``faces``, with a ``texture²`` texture baked from the colour head ``texture_head`` (``stf``/``nerf``;
+                ``None``: the decoder's); ``stf`` turntables then show these meshes. Default: MC vertex colours.
         """
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -235,6 +241,13 @@ class _To3D(ABC):
         meshes = [_to_trimesh(v, f, c) for v, f, c in raw]
         sync(self.device)
         timings["mesh"] = time.perf_counter() - t
+        if texture or faces is not None:
+            t = time.perf_counter()
+            meshes = self.finish_meshes(latents, raw, decoder=decoder, texture=texture, faces=faces,
+                                        texture_head=texture_head)
+            raw = meshes  # the turntables show what is exported
+            _sync(self.device)
+            timings["texture"] = time.perf_counter() - t
 
         frames = None
         if render_views > 0:
@@ -286,6 +299,21 @@ class _To3D(ABC):
         return [(v, f, c.clamp(0, 1)) for (v, f), c in zip(meshes, colors)]
 
     @torch.no_grad()
+    def finish_meshes(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *, decoder: str = "stf",
+                      texture: int = 0, faces: int | None = None, texture_head: str | None = None) -> list:
+        """The meshes of :meth:`extract_meshes` in export form (:func:`shapee.render.texture.bake_mesh`): decimated to
+        ``faces`` (None: as extracted), then a UV atlas + ``texture²`` texture baked from the colour head
+        ``texture_head`` (``stf`` / ``nerf``; None: the decoder's head), or (``texture=0``) vertex colours re-queried
+        at the decimated vertices. Returns ``trimesh.Trimesh`` per sample."""
+        from shapee.render.texture import bake_mesh, transmitter_colour_fn
+
+        head = texture_head or decoder
+        latents = latents.to(self.device)
+        return [bake_mesh(transmitter_colour_fn(self.decoder, latents[s], head), v, f, texture_size=texture,
+                          target_faces=faces, device=self.device)
+                for s, (v, f, _) in enumerate(meshes)]
+
+    @torch.no_grad()
     def render_turntables(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *,
                           decoder: str = "stf", views: int = 20, resolution: int = 64) -> Tensor:
         """Turntable frames ``[S, V, H, W, 3]`` uint8 sRGB on black, seen by the official notebooks' pan cameras
@@ -294,7 +322,8 @@ class _To3D(ABC):
         ``stf``: the meshes of :meth:`extract_meshes` rendered with the dataset lighting by the data renderer
         (:func:`shapee.data.render.render_views`: Embree ray casting on CPU — PyTorch3D's CPU rasteriser is naive,
         ~500× slower on a 67k-face mesh — and PyTorch3D on CUDA); a mesh without surface gives black frames.
-        ``nerf``: deterministic NeRF volume renders of the latents.
+        ``nerf``: deterministic NeRF volume renders of the latents. ``meshes`` may also be ``trimesh.Trimesh``
+        (vertex-coloured or textured, as :meth:`finish_meshes` makes them): those are rendered with their texture.
         """
         cameras = orbit_cameras(views, resolution=resolution, device=self.device)
         if decoder == "nerf":
@@ -302,14 +331,21 @@ class _To3D(ABC):
             return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [S, V, H, W, 3]
         from shapee.data.mesh import Mesh
         from shapee.data.render import render_views
+        from shapee.render.texture import to_data_mesh
 
         frames = torch.zeros(len(meshes), views, resolution, resolution, 3, dtype=torch.uint8)  # [S, V, H, W, 3]
-        for s, (verts, faces, colors) in enumerate(meshes):  # a loop over samples, not pixels
-            if faces.shape[0] == 0:
-                continue
-            faces_np = faces.cpu().numpy()
-            mesh = Mesh(vertices=verts.cpu().numpy(), faces=faces_np,
-                        corner_colors=colors.cpu().numpy()[faces_np], color_source="vertex")  # [F, 3, 3] sRGB
+        for s, item in enumerate(meshes):  # a loop over samples, not pixels
+            if not isinstance(item, tuple):  # a trimesh.Trimesh in export form
+                if len(item.faces) == 0:
+                    continue
+                mesh = to_data_mesh(item)
+            else:
+                verts, faces, colors = item
+                if faces.shape[0] == 0:
+                    continue
+                faces_np = faces.cpu().numpy()
+                mesh = Mesh(vertices=verts.cpu().numpy(), faces=faces_np,
+                            corner_colors=colors.cpu().numpy()[faces_np], color_source="vertex")  # [F, 3, 3] sRGB
             rgb = render_views(mesh, cameras, backend="auto", outputs=("rgb",))["rgb"]  # [V, H, W, 3] float32
             frames[s] = torch.from_numpy((rgb.clip(0, 1) * 255).round().astype("uint8"))
         return frames
@@ -398,10 +434,30 @@ def _atomic_save_latent(latent: Tensor, path: Path, metadata: dict[str, str]) ->
     return path
 
 
+def _export_options(export: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``export.texture`` / ``export.faces`` / ``export.texture_head`` of ``configs/sample.yaml``, checked, as
+    :meth:`TextTo3D.generate` keywords."""
+    from shapee.render.texture import TEXTURE_HEADS
+
+    export = dict(export or {})
+    unknown = set(export) - {"texture", "faces", "texture_head"}
+    if unknown:
+        raise ValueError(f"unknown export options {sorted(unknown)}; known: texture, faces, texture_head")
+    texture, faces, head = export.get("texture") or 0, export.get("faces"), export.get("texture_head")
+    if isinstance(texture, bool) or not isinstance(texture, int) or not (texture == 0 or texture >= 2):
+        raise ValueError(f"export.texture must be 0 (vertex colours) or a texture size >= 2, got {texture!r}")
+    if faces is not None and (isinstance(faces, bool) or not isinstance(faces, int) or faces < 4):
+        raise ValueError(f"export.faces must be null (no decimation) or an integer >= 4, got {faces!r}")
+    if head is not None and head not in TEXTURE_HEADS:
+        raise ValueError(f"export.texture_head must be one of {list(TEXTURE_HEADS)} or null, got {head!r}")
+    return {"texture": texture, "faces": faces, "texture_head": head}
+
+
 def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Sample, decode and export assets as ``scripts/sample.py`` does (``configs/sample.yaml``).
 
-    Per sample ``i`` of an input: ``<out>/<slug>_<i>.glb`` / ``.ply`` (``formats``), ``<slug>_<i>.gif`` (turntable,
+    Per sample ``i`` of an input: ``<out>/<slug>_<i>.glb`` / ``.ply`` (``formats``; with ``export.texture``: a
+    textured GLB, and OBJ + ``.mtl`` + ``.png``), ``<slug>_<i>.gif`` (turntable,
     ``render_views > 0``) and ``<slug>_<i>_latent.safetensors`` (``latent`` ``[n_ctx, d_latent]`` float32 + the
     prompt, seed and settings as metadata); ``slug`` is the prompt's (or the image file's stem) in file-name form.
 
@@ -437,6 +493,7 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"formats {unknown} are not mesh formats; supported: {list(MESH_FORMATS)}")
     if cfg.get("out") in (None, ""):
         raise ValueError("out=<folder> is required")
+    export = _export_options(cfg.get("export"))
     out = Path(cfg["out"])
     pipeline_cls = TextTo3D if prompts else ImageTo3D
     inputs = prompts if prompts else images
@@ -457,7 +514,7 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
         steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), decoder=cfg.get("head", "stf"),
         grid_size=int(cfg.get("grid_size", 128)), render_views=int(cfg.get("render_views", 20)),
         render_resolution=int(cfg.get("render_resolution", 64)), progress=bool(cfg.get("progress", False)),
-        cuda_graph=cfg.get("cuda_graph"),
+        cuda_graph=cfg.get("cuda_graph"), **export,
     )
     timings.update(generation.timings)
 
@@ -469,6 +526,8 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
         stem = out / f"{slug}_{i}"
         entry: dict[str, Any] = {"source": str(source), "vertices": len(mesh.vertices), "faces": len(mesh.faces)}
         entry["mesh_files"] = [str(export_mesh(mesh, stem.with_suffix(fmt))) for fmt in formats]
+        if ".obj" in formats and getattr(mesh.visual, "kind", None) == "texture":  # the OBJ's material and texture
+            entry["mesh_files"] += [str(stem.with_suffix(".mtl")), str(stem.with_suffix(".png"))]
         if generation.frames is not None:
             entry["gif"] = str(write_gif(generation.frames[s].numpy(), stem.with_suffix(".gif"),
                                          fps=float(cfg.get("gif_fps", 10))))
@@ -492,7 +551,7 @@ def format_report(summary: Mapping[str, Any]) -> str:
             if path:
                 lines.append(f"  wrote {path}")
     names = {"load": "load checkpoints", "clip": "CLIP", "sampling": "sampling", "mesh": "decoding (mesh)",
-             "render": "decoding (turntable)", "export": "export"}
+             "texture": "decimate + texture", "render": "decoding (turntable)", "export": "export"}
     timings = summary["timings"]
     width = max(len(v) for v in names.values())
     lines.append(f"timings on {summary.get('device', '?')}:")

@@ -10,6 +10,15 @@ the linear-space values, which look too dark (openai/shap-e issue #86, reference
   :func:`shapee.data.mesh.load_mesh`) decode it as such. So the GLB stores ``srgb_to_linear(colour)``, as float32
   (no 8-bit banding in the darks), under a default (white) material; a compliant viewer shows the sRGB colour.
 
+Textured meshes (``visual.kind == "texture"`` with an image, as :func:`shapee.render.texture.bake_mesh` makes them):
+
+* ``.glb``: ``TEXCOORD_0`` (v flipped into glTF's top-left origin) and one PBR material: ``baseColorTexture`` = the
+  image as an embedded PNG (sRGB-encoded, as the glTF spec defines that texture; the colour heads answer sRGB, so the
+  texels are stored as they are), metallic 0, roughness 1; linear mip-mapped sampling, clamped at the edges;
+* ``.obj``: ``v``/``vt`` lines and ``f v/vt`` faces, ``mtllib <stem>.mtl``, and beside it ``<stem>.mtl``
+  (``map_Kd <stem>.png``, ``Kd 1 1 1``) and ``<stem>.png``: :func:`export_mesh` writes all three;
+* ``.ply`` carries no texture: the texture sampled at the vertices becomes vertex colours.
+
 Coordinates are written as they are (our world frame, +Z up), as the official export and our loader do: glTF's
 convention is +Y up, so glTF viewers show the object lying on its back.
 """
@@ -24,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MESH_FORMATS", "export_mesh", "mesh_bytes"]
+__all__ = ["MESH_FORMATS", "export_mesh", "mesh_bytes", "mesh_files"]
 
 MESH_FORMATS = (".glb", ".ply", ".obj")
 
@@ -32,6 +41,7 @@ MESH_FORMATS = (".glb", ".ply", ".obj")
 _FLOAT, _UINT32 = 5126, 5125
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 _TRIANGLES = 4
+_LINEAR, _LINEAR_MIPMAP_LINEAR, _CLAMP_TO_EDGE = 9729, 9987, 33071
 
 
 def _srgb_to_linear(x: np.ndarray) -> np.ndarray:
@@ -47,6 +57,22 @@ def _vertex_colors(mesh) -> np.ndarray | None:
     return np.asarray(visual.vertex_colors, dtype=np.uint8)
 
 
+def _texture(mesh) -> tuple[np.ndarray, bytes] | None:
+    """UVs ``[V, 2]`` (v up) and the base-colour image as PNG bytes of a textured mesh, else None."""
+    visual = getattr(mesh, "visual", None)
+    if visual is None or getattr(visual, "kind", None) != "texture" or visual.uv is None:
+        return None
+    material = visual.material
+    image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+    if image is None:
+        return None
+    import io
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return np.asarray(visual.uv, dtype=np.float64), buffer.getvalue()
+
+
 def _check_mesh(mesh) -> None:
     import trimesh
 
@@ -59,11 +85,13 @@ def _check_mesh(mesh) -> None:
 
 
 def _glb_bytes(mesh) -> bytes:
-    """A one-mesh GLB: POSITION float32, COLOR_0 float32 RGBA (linear, see module docstring), uint32 indices."""
+    """A one-mesh GLB: POSITION float32, COLOR_0 float32 RGBA (linear, see module docstring) or TEXCOORD_0 float32 +
+    a PBR material with the embedded PNG, uint32 indices."""
     vertices = np.ascontiguousarray(mesh.vertices, dtype="<f4")  # [V, 3]
     indices = np.ascontiguousarray(mesh.faces, dtype="<u4").reshape(-1)  # [3F]
-    colors = _vertex_colors(mesh)
-    blobs = [vertices.tobytes()]
+    textured = _texture(mesh)
+    colors = None if textured is not None else _vertex_colors(mesh)
+    blobs = [(vertices.tobytes(), _ARRAY_BUFFER)]  # (bytes, bufferView target or None)
     attributes = {"POSITION": 0}
     accessors = [{
         "bufferView": 0, "componentType": _FLOAT, "count": len(vertices), "type": "VEC3",
@@ -74,19 +102,42 @@ def _glb_bytes(mesh) -> bytes:
     if colors is not None:
         rgba = colors.astype(np.float64) / 255.0  # [V, 4] sRGB
         rgba[:, :3] = _srgb_to_linear(rgba[:, :3])  # alpha is not colour-managed
-        blobs.append(np.ascontiguousarray(rgba, dtype="<f4").tobytes())
+        blobs.append((np.ascontiguousarray(rgba, dtype="<f4").tobytes(), _ARRAY_BUFFER))
         attributes["COLOR_0"] = len(accessors)
-        accessors.append({"bufferView": 1, "componentType": _FLOAT, "count": len(rgba), "type": "VEC4"})
-    blobs.append(indices.tobytes())
+        accessors.append({"bufferView": len(blobs) - 1, "componentType": _FLOAT, "count": len(rgba), "type": "VEC4"})
+    extra: dict = {}
+    if textured is not None:
+        uv, png = textured
+        texcoord = np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1).astype("<f4")  # [V, 2]: glTF's origin is top-left
+        blobs.append((np.ascontiguousarray(texcoord).tobytes(), _ARRAY_BUFFER))
+        attributes["TEXCOORD_0"] = len(accessors)
+        accessors.append({"bufferView": len(blobs) - 1, "componentType": _FLOAT, "count": len(texcoord),
+                          "type": "VEC2", "min": texcoord.min(0).tolist(), "max": texcoord.max(0).tolist()})
+        blobs.append((png, None))  # an image's bufferView has no target
+        extra = {
+            "materials": [{"name": "shapee_baked", "pbrMetallicRoughness": {
+                "baseColorTexture": {"index": 0, "texCoord": 0}, "metallicFactor": 0.0, "roughnessFactor": 1.0}}],
+            "textures": [{"sampler": 0, "source": 0}],
+            "samplers": [{"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR, "wrapS": _CLAMP_TO_EDGE,
+                          "wrapT": _CLAMP_TO_EDGE}],
+            "images": [{"bufferView": len(blobs) - 1, "mimeType": "image/png"}],
+        }
+    blobs.append((indices.tobytes(), _ELEMENT_ARRAY_BUFFER))
     primitive = {"attributes": attributes, "mode": _TRIANGLES}
+    if textured is not None:
+        primitive["material"] = 0
     if len(indices):
         primitive["indices"] = len(accessors)
         accessors.append({"bufferView": len(blobs) - 1, "componentType": _UINT32, "count": len(indices),
                           "type": "SCALAR"})
-    views, offset = [], 0
-    for i, blob in enumerate(blobs):  # every blob is a multiple of 4 bytes (4-byte components)
-        target = _ELEMENT_ARRAY_BUFFER if i == len(blobs) - 1 else _ARRAY_BUFFER
-        views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(blob), "target": target})
+    views, offset, padded = [], 0, []
+    for blob, target in blobs:  # each view starts 4-byte aligned (accessor components are 4 bytes; a PNG is not)
+        view = {"buffer": 0, "byteOffset": offset, "byteLength": len(blob)}
+        if target is not None:
+            view["target"] = target
+        views.append(view)
+        blob += b"\x00" * (-len(blob) % 4)
+        padded.append(blob)
         offset += len(blob)
     gltf = {
         "asset": {"version": "2.0", "generator": "shapee"},
@@ -97,10 +148,11 @@ def _glb_bytes(mesh) -> bytes:
         "accessors": accessors,
         "bufferViews": views,
         "buffers": [{"byteLength": offset}],
+        **extra,
     }
     json_chunk = json.dumps(gltf, separators=(",", ":")).encode()
     json_chunk += b" " * (-len(json_chunk) % 4)  # chunks are 4-byte aligned; JSON pads with spaces
-    bin_chunk = b"".join(blobs)
+    bin_chunk = b"".join(padded)
     total = 12 + 8 + len(json_chunk) + 8 + len(bin_chunk)
     return b"".join([
         struct.pack("<4sII", b"glTF", 2, total),
@@ -109,26 +161,64 @@ def _glb_bytes(mesh) -> bytes:
     ])
 
 
-def mesh_bytes(mesh, file_format: str) -> bytes:
-    """The file contents of ``mesh`` (a ``trimesh.Trimesh``) in ``file_format`` (``".glb"``, ``".ply"``, ``".obj"``)."""
+def _textured_obj(mesh, stem: str, uv: np.ndarray) -> tuple[bytes, bytes]:
+    """OBJ text (``v``, ``vt``, ``f v/vt``; one UV per vertex) and its MTL naming ``<stem>.png``."""
+    v = np.asarray(mesh.vertices, dtype=np.float64)
+    f = np.asarray(mesh.faces, dtype=np.int64) + 1  # OBJ indices start at 1
+    lines = [f"mtllib {stem}.mtl", "usemtl shapee_baked"]
+    lines += [f"v {x:.8g} {y:.8g} {z:.8g}" for x, y, z in v]
+    lines += [f"vt {a:.8g} {b:.8g}" for a, b in uv]
+    lines += [f"f {a}/{a} {b}/{b} {c}/{c}" for a, b, c in f]
+    # Kd 1 scales map_Kd by one; Ks 0 and illum 1: a diffuse material, as the glTF one (metallic 0, roughness 1).
+    mtl = f"newmtl shapee_baked\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {stem}.png\n"
+    return ("\n".join(lines) + "\n").encode(), mtl.encode()
+
+
+def mesh_files(mesh, path: str | os.PathLike) -> dict[Path, bytes]:
+    """Every file that writing ``mesh`` to ``path`` makes, with its contents: ``{path: bytes}``, and for a textured
+    mesh as ``.obj`` also ``<stem>.mtl`` and ``<stem>.png`` beside it (the image first, the OBJ last)."""
     from trimesh.exchange.obj import export_obj
     from trimesh.exchange.ply import export_ply
 
+    path = Path(path)
+    file_format = path.suffix.lower()
+    if file_format not in MESH_FORMATS:
+        raise ValueError(f"unknown mesh format {file_format!r}; supported: {', '.join(MESH_FORMATS)}")
     _check_mesh(mesh)
     if len(mesh.vertices) == 0:  # an empty mesh (no zero crossing): trimesh's writers choke on its colour array
         import trimesh
 
         mesh = trimesh.Trimesh()
-    file_format = file_format.lower()
     if file_format == ".glb":
-        return _glb_bytes(mesh)
+        return {path: _glb_bytes(mesh)}
+    textured = _texture(mesh)
     if file_format == ".ply":
-        return export_ply(mesh, encoding="binary", vertex_normal=False, include_attributes=False)
-    if file_format == ".obj":
-        # trimesh writes per-vertex colours as "v x y z r g b" (floats, 8 decimals: exact for 8-bit values).
-        text = export_obj(mesh, include_normals=False, include_color=True, include_texture=False, header=None)
-        return text.encode()
-    raise ValueError(f"unknown mesh format {file_format!r}; supported: {', '.join(MESH_FORMATS)}")
+        if textured is not None:  # PLY has no textures: the texture at the vertices (bilinear) as vertex colours
+            import trimesh
+
+            from shapee.data.mesh import sample_texture
+
+            visual = mesh.visual
+            image = getattr(visual.material, "baseColorTexture", None) or visual.material.image
+            rgb = sample_texture(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0, textured[0])  # [V, 3]
+            rgba = np.concatenate([np.rint(np.clip(rgb, 0, 1) * 255), np.full((len(rgb), 1), 255)], axis=1)
+            mesh = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_colors=rgba.astype(np.uint8),
+                                   process=False)
+        return {path: export_ply(mesh, encoding="binary", vertex_normal=False, include_attributes=False)}
+    if textured is not None:
+        uv, png = textured
+        obj, mtl = _textured_obj(mesh, path.stem, uv)
+        return {path.with_suffix(".png"): png, path.with_suffix(".mtl"): mtl, path: obj}
+    # trimesh writes per-vertex colours as "v x y z r g b" (floats, 8 decimals: exact for 8-bit values).
+    text = export_obj(mesh, include_normals=False, include_color=True, include_texture=False, header=None)
+    return {path: text.encode()}
+
+
+def mesh_bytes(mesh, file_format: str) -> bytes:
+    """The file contents of ``mesh`` (a ``trimesh.Trimesh``) in ``file_format`` (``".glb"``, ``".ply"``, ``".obj"``);
+    for a textured ``.obj`` the OBJ text only (it names ``mesh.mtl``; :func:`mesh_files` gives all three)."""
+    name = Path("mesh" + file_format.lower())
+    return mesh_files(mesh, name)[name]
 
 
 def _umask() -> int:
@@ -137,18 +227,7 @@ def _umask() -> int:
     return mask
 
 
-def export_mesh(mesh, path: str | os.PathLike) -> Path:
-    """Write ``mesh`` (a ``trimesh.Trimesh`` with sRGB vertex colours) to ``path``; the format follows the suffix.
-
-    Atomic: the file is written beside ``path`` under a temporary name and renamed over it, so a reader never sees a
-    partial mesh. Parent folders are created. Returns ``path``.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in MESH_FORMATS:
-        raise ValueError(f"{path}: unknown mesh file extension {path.suffix!r}; supported: {', '.join(MESH_FORMATS)}")
-    data = mesh_bytes(mesh, suffix)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
@@ -160,4 +239,22 @@ def export_mesh(mesh, path: str | os.PathLike) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def export_mesh(mesh, path: str | os.PathLike) -> Path:
+    """Write ``mesh`` (a ``trimesh.Trimesh`` with sRGB vertex colours, or textured) to ``path``; the format follows
+    the suffix. A textured ``.obj`` also writes ``<stem>.mtl`` and ``<stem>.png`` beside it.
+
+    Atomic: each file is written beside ``path`` under a temporary name and renamed over it, so a reader never sees a
+    partial file (the texture and material before the OBJ that names them). Parent folders are created. Returns
+    ``path``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in MESH_FORMATS:
+        raise ValueError(f"{path}: unknown mesh file extension {path.suffix!r}; supported: {', '.join(MESH_FORMATS)}")
+    files = mesh_files(mesh, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for file, data in files.items():
+        _write_atomic(file, data)
     return path

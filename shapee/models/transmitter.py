@@ -222,12 +222,21 @@ class Transmitter(TransmitterModules):
         (:func:`shapee.render.stf.render_meshes`: ``sigma``, ``faces_per_pixel``, ...)."""
         return stf.render_latents(self, latent, cameras, grid_size=grid_size or self.stf_grid_size, **render_kwargs)
 
-    def to_mesh(self, latent: Tensor, grid_size: int = 128, *, narrow_band: bool = True):
+    def to_mesh(self, latent: Tensor, grid_size: int = 128, *, narrow_band: bool = True, texture: int = 0,
+                faces: int | None = None, texture_head: str = "stf"):
         """Latent ``[1024, 1024]`` (or ``[1, ...]``) → ``trimesh.Trimesh`` with sRGB vertex colours; a batch
         ``[B, ...]`` with B > 1 gives a list. Export with :func:`shapee.io.mesh.export_mesh` (.glb/.ply/.obj).
         ``narrow_band`` (default): the SDF is queried only near its zero level, the same mesh as the dense grid for
-        fields it covers (see :func:`shapee.render.stf.query_grid_narrow_band`); ``False`` forces the dense grid."""
+        fields it covers (see :func:`shapee.render.stf.query_grid_narrow_band`); ``False`` forces the dense grid.
+        ``faces``: decimate to about that many faces; ``texture > 0``: UV atlas + a ``texture²`` texture baked from
+        the ``texture_head`` colour head (``stf`` / ``nerf``), see :func:`shapee.render.texture.bake_texture`."""
         meshes = stf.latent_to_mesh(self, latent, grid_size=grid_size, narrow_band=narrow_band)
+        if texture or faces is not None:
+            from shapee.render.texture import bake_texture
+
+            latents = latent if latent.ndim == 3 else latent[None]
+            meshes = [bake_texture(self, latents[i], mesh, size=texture, faces=faces, head=texture_head)
+                      for i, mesh in enumerate(meshes)]
         return meshes[0] if latent.ndim == 2 or latent.shape[0] == 1 else meshes
 
     # -------------------------------------------------------------------------------------------- losses
