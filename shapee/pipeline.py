@@ -246,7 +246,7 @@ class _To3D(ABC):
             meshes = self.finish_meshes(latents, raw, decoder=decoder, texture=texture, faces=faces,
                                         texture_head=texture_head)
             raw = meshes  # the turntables show what is exported
-            _sync(self.device)
+            sync(self.device)
             timings["texture"] = time.perf_counter() - t
 
         frames = None
