@@ -213,7 +213,7 @@ def require_finished(cfg: Any, key: str, path: Path | None) -> None:
     says so), unless the config sets ``allow_partial=true``."""
     if path is None or _get(cfg, "allow_partial"):
         return
-    from shapee.train.status import unfinished_reason
+    from shapee.runstatus import unfinished_reason
 
     reason = unfinished_reason(path)
     if reason is not None:

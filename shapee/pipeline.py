@@ -331,7 +331,7 @@ class _To3D(ABC):
             return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [S, V, H, W, 3]
         from shapee.data.mesh import Mesh
         from shapee.data.render import render_views
-        from shapee.render.texture import to_data_mesh
+        from shapee.data.mesh import to_data_mesh
 
         frames = torch.zeros(len(meshes), views, resolution, resolution, 3, dtype=torch.uint8)  # [S, V, H, W, 3]
         for s, item in enumerate(meshes):  # a loop over samples, not pixels

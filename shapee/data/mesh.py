@@ -827,3 +827,18 @@ def _linear_to_srgb(x: np.ndarray) -> np.ndarray:
     """IEC 61966-2-1 transfer function (numpy twin of ``shapee.render.lighting.linear_to_srgb``)."""
     x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
     return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1.0 / 2.4) - 0.055).astype(np.float32)
+
+
+def to_data_mesh(mesh):
+    """A vertex-coloured or textured ``trimesh.Trimesh`` (as :func:`bake_mesh` makes) → the data renderer's
+    :class:`shapee.data.mesh.Mesh` (same frame, no normalisation), for turntables and evaluation renders."""
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    visual = mesh.visual
+    if getattr(visual, "kind", None) == "texture":
+        image = getattr(visual.material, "baseColorTexture", None) or getattr(visual.material, "image", None)
+        texture = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3] sRGB
+        return Mesh(vertices=mesh.vertices, faces=faces, corner_colors=np.ones((len(faces), 3, 3), np.float32),
+                    corner_uvs=np.asarray(visual.uv, dtype=np.float32)[faces], face_texture=np.zeros(len(faces)),
+                    textures=[texture], color_source="texture")
+    colours = np.asarray(visual.vertex_colors, dtype=np.float32)[:, :3] / 255.0  # [V, 3] sRGB
+    return Mesh(vertices=mesh.vertices, faces=faces, corner_colors=colours[faces], color_source="vertex")

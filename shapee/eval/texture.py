@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from shapee.cameras import Cameras, orbit_cameras
-from shapee.render.texture import ColourFn, bake_mesh, to_data_mesh
+from shapee.data.mesh import to_data_mesh
+from shapee.render.texture import ColourFn, bake_mesh
 
 __all__ = ["QUALITY_KEYS", "analytic_surface", "asset_colour_fn", "exact_field_views", "format_quality", "stripes",
            "texture_quality", "texture_quality_assets", "texture_quality_dataset"]
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += texture_quality_assets(args.asset, target_faces=args.faces, texture_size=args.size)
     if args.transmitter:
         from shapee.data.dataset import AssetDataset
-        from shapee.train.extract import load_transmitter
+        from shapee.io.loading import load_transmitter
 
         model = load_transmitter(args.transmitter)
         rows += texture_quality_dataset(model, AssetDataset(args.data), target_faces=args.faces,

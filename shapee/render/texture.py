@@ -51,7 +51,6 @@ __all__ = [
     "bake",
     "bake_mesh",
     "textured_trimesh",
-    "to_data_mesh",
     "transmitter_colour_fn",
     "bake_texture",
 ]
@@ -376,23 +375,6 @@ def bake_mesh(
     mesh = textured_trimesh(atlas.vertices, atlas.faces, atlas.uvs, texture)
     clock("trimesh")
     return mesh
-
-
-def to_data_mesh(mesh):
-    """A vertex-coloured or textured ``trimesh.Trimesh`` (as :func:`bake_mesh` makes) → the data renderer's
-    :class:`shapee.data.mesh.Mesh` (same frame, no normalisation), for turntables and evaluation renders."""
-    from shapee.data.mesh import Mesh
-
-    faces = np.asarray(mesh.faces, dtype=np.int64)
-    visual = mesh.visual
-    if getattr(visual, "kind", None) == "texture":
-        image = getattr(visual.material, "baseColorTexture", None) or getattr(visual.material, "image", None)
-        texture = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3] sRGB
-        return Mesh(vertices=mesh.vertices, faces=faces, corner_colors=np.ones((len(faces), 3, 3), np.float32),
-                    corner_uvs=np.asarray(visual.uv, dtype=np.float32)[faces], face_texture=np.zeros(len(faces)),
-                    textures=[texture], color_source="texture")
-    colours = np.asarray(visual.vertex_colors, dtype=np.float32)[:, :3] / 255.0  # [V, 3] sRGB
-    return Mesh(vertices=mesh.vertices, faces=faces, corner_colors=colours[faces], color_source="vertex")
 
 
 # -------------------------------------------------------------------------------------------- transmitter glue

@@ -45,7 +45,7 @@ from shapee.train.dist import DistInfo, all_reduce_max, cleanup_distributed, ini
 from shapee.train.ema import EMA, ema_beta
 from shapee.train.logger import IntervalMeter, RunLogger
 from shapee.train.rng import capture_rng_state, restore_rng_state, seed_everything
-from shapee.train.status import unfinished_reason, write_status
+from shapee.runstatus import unfinished_reason, write_status
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 
@@ -88,7 +88,7 @@ def train(
         CheckpointError: ``resume``/``init_from`` points at a missing, corrupt or mismatched file, or ``init_from``
             at the checkpoint/snapshot of a run that did not finish (unless ``init_allow_partial``).
 
-    Whether the run finished is also written to ``run_dir/checkpoints/status.json`` (:mod:`shapee.train.status`):
+    Whether the run finished is also written to ``run_dir/checkpoints/status.json`` (:mod:`shapee.runstatus`):
     ``finished: false`` before the first step, ``true`` after the final snapshot of a run that reached ``max_steps``.
     """
     cfg = resolve_trainer_config(cfg)
