@@ -10,7 +10,7 @@
 # Writes OUT/records, OUT/{nerf,distill,finetune} (runs: metrics.jsonl with the trainer's eval/* numbers, snapshots),
 # OUT/eval/results.{md,json} and OUT/eval/grids/encoder_{0,1,2}.png (target | NeRF | STF rows per asset, per stage).
 # SHAPEE_LEARN_{NERF,DISTILL,FINETUNE}_STEPS and SHAPEE_LEARN_SEED as in tests/test_learning.py; PYTHON picks the
-# interpreter. About 25-40 min on a 2-core CPU (the finetune steps dominate).
+# interpreter. About 30 min on a 2-core CPU (evaluate.py's 128³ meshes and the finetune steps dominate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

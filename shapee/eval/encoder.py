@@ -394,7 +394,8 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
         f"PSNR per asset over all its evaluated pixels, mean over assets, capped at {s['psnr_cap']} dB.",
         f"Chamfer-L1 and F-score: {s['n_points']} area-uniform surface samples on the extracted mesh and on the source "
         f"mesh, normalised world frame [-1, 1]³ (box side 2); F-score threshold τ = {s['fscore_threshold']:g} "
-        f"({100 * float(s['fscore_threshold']) / 2:g} % of the box side). Empty meshes: no Chamfer, F-score 0.",
+        f"({100 * float(s['fscore_threshold']) / 2:g} % of the box side). Empty meshes: no Chamfer, F-score 0."
+        if s["stf"] and s["geometry"] else "Chamfer-L1 and F-score: not measured (stf=false or geometry=false).",
     ]
     markdown = "## Encoder evaluation (Table 1)\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     results = {"task": "encoder", "settings": settings, "rows": rows, "markdown": markdown}
