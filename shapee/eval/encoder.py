@@ -1,13 +1,23 @@
-"""Encoder evaluation (``scripts/evaluate.py task=encoder``): the paper's Table 1 for our checkpoints.
+"""Encoder evaluation (``scripts/evaluate.py task=encoder`` and the encoder trainer's periodic evaluation): the
+paper's Table 1 for our checkpoints.
+
+**One evaluation.** :func:`evaluate_checkpoint` is the only code that measures a transmitter: ``evaluate.py`` calls it
+through :func:`evaluate_encoder`, the training loop through :func:`shapee.train.encoder.heldout_eval_fn`, both with
+:data:`ENCODER_DEFAULTS` unless told otherwise, so the same weights on the same records give the same numbers from
+both (``tests/test_evaluate.py::test_trainer_and_evaluate_py_give_the_same_numbers``). A setting cheaper than these
+defaults (the training-time mesh grid) is named in the logged key by :func:`metric_keys` (``eval/stf_psnr@32``).
 
 For each transmitter checkpoint (one row per stage: nerf, distill, finetune, or a released ``transmitter.pt``) and
 each held-out asset of a records folder:
 
 1. **Encode** the asset's encoder views and point cloud (the point-conv shuffle is random even in eval mode,
-   reference §8.3.1: a generator seeded with ``seed`` fixes it, so reruns give identical numbers).
-2. **NeRF PSNR**: render the record's target views with the record's fixed cameras, deterministic stratified and
-   importance sampling (§8.3.2 made deterministic), black background, sRGB in [0, 1]; PSNR against the target views
-   (sRGB on black, as prepared), over all pixels of the asset's evaluated views, capped at ``psnr_cap`` dB.
+   reference §8.3.1: a generator seeded with ``seed`` fixes it, so reruns give identical numbers; the draws depend
+   on ``batch_size``, which is why it is one of the settings).
+2. **NeRF PSNR**: render the record's target views (``views``: ``auto`` = the held-out ones, the last
+   ``model.holdout_views``, when the model holds any out, else all) with the record's fixed cameras, deterministic
+   stratified and importance sampling (§8.3.2 made deterministic; the model's ``n_coarse`` / ``n_fine``), black
+   background, sRGB in [0, 1]; PSNR against the target views (sRGB on black, as prepared), over all pixels of the
+   asset's evaluated views, capped at ``psnr_cap`` dB. Also the fine pass's transmittance L1 against ``1 − alpha``.
 3. **STF PSNR**: the same views rendered from the mesh: SDF grid (``grid_size``³) → Marching Cubes 33 → STF
    vertex colours → PyTorch3D with the dataset lighting (the finetune stage's renderer).
 4. **Chamfer / F-score** of that same mesh against the *source* mesh (the file named in the manifest, or the toy
@@ -16,7 +26,8 @@ each held-out asset of a records folder:
    ``fscore_threshold`` world units (see :mod:`shapee.eval.metrics`). An empty mesh gets no Chamfer (counted in
    ``n_empty_meshes``) and F-score 0.
 
-Per-checkpoint numbers are means over assets of per-asset values. Output: a JSON dict (settings, one row per
+Per-checkpoint numbers are means over assets of per-asset values (for PSNR: the mean of per-asset PSNRs, not the PSNR
+of the pooled MSE, which reads lower whenever assets differ: Jensen's inequality). Output: a JSON dict (settings, one row per
 checkpoint with per-asset values) and a markdown table, plus one image grid per checkpoint (target | NeRF | STF).
 """
 
@@ -40,9 +51,9 @@ ENCODER_DEFAULTS: dict[str, Any] = dict(
     holdout=None,  # null: every asset of data.root is held out (a separate test folder); int: AssetDataset.split
     split_seed=0,  # seed of AssetDataset.split
     max_assets=None,  # evaluate at most this many (the first by asset id)
-    views="all",  # all: every target view of the record | holdout: the last model.holdout_views target views
+    views="auto",  # auto: holdout if the model holds views out, else all | all | holdout (the last model.holdout_views)
     resolution=None,  # null: the records' resolution; else render smaller, targets area-averaged to it
-    grid_size=128,  # SDF grid of the mesh (128³ as released)
+    grid_size=128,  # SDF grid of the mesh (128³ as released); None: the model's stf_grid_size
     n_points=16384,  # surface samples per mesh for Chamfer / F-score
     fscore_threshold=DEFAULT_FSCORE_THRESHOLD,  # world units
     psnr_cap=100.0,  # dB; identical images would be +inf
@@ -50,10 +61,18 @@ ENCODER_DEFAULTS: dict[str, Any] = dict(
     toy_seed=0,  # world seed of toy records (source "toy:<id>"), verified against the content hash
     grid_assets=4,  # assets in each image grid
     grid_views=4,  # views per asset in each image grid
+    stf=True,  # the mesh: STF PSNR, Chamfer, F-score (False: NeRF only)
+    geometry=True,  # Chamfer / F-score against the source meshes (False: no source meshes needed)
     seed=0,
     device="auto",
     labels=None,  # row names, one per checkpoint (default: the checkpoint's stage and file name)
 )
+# The settings of evaluate_checkpoint (the rest of ENCODER_DEFAULTS selects checkpoints, assets and the device).
+CHECKPOINT_SETTINGS = (
+    "views", "resolution", "grid_size", "n_points", "fscore_threshold", "psnr_cap", "batch_size", "seed", "stf",
+    "geometry", "grid_assets", "grid_views",
+)
+
 
 
 # -------------------------------------------------------------------------------------------- ground truth
@@ -125,35 +144,74 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def resolve_views(views: str, model) -> str:
+    """``auto`` → ``holdout`` when ``model`` holds target views out (``model.holdout_views >= 1``), else ``all``."""
+    if views == "auto":
+        return "holdout" if getattr(model, "holdout_views", 0) >= 1 else "all"
+    if views not in ("all", "holdout"):
+        raise ValueError(f"views must be 'auto', 'all' or 'holdout', got {views!r}")
+    if views == "holdout" and model.holdout_views < 1:
+        raise ValueError("views='holdout' but the model holds out no target views (model.holdout_views = 0)")
+    return views
+
+
+MESH_METRICS = ("stf_psnr", "chamfer", "f_score", "n_empty_meshes")  # depend on the mesh grid
+IMAGE_METRICS = ("nerf_psnr", "nerf_transmittance_l1", "stf_psnr")  # depend on the render resolution
+
+
+def metric_keys(row: Mapping[str, Any], *, grid_size: int, resolution: int | None) -> dict[str, float]:
+    """The scalar means of an :func:`evaluate_checkpoint` row under names that carry any setting cheaper than
+    ``evaluate.py``'s defaults (:data:`ENCODER_DEFAULTS`), so a cheap in-training number is never read as the full one:
+    a mesh grid other than 128³ adds ``@<grid>`` to the mesh metrics (``stf_psnr@32``), a render resolution below the
+    records' adds ``@<R>px`` to the image metrics. ``n_assets`` and the views' resolution are reported as they are."""
+    out: dict[str, float] = {}
+    for name in ("nerf_psnr", "nerf_transmittance_l1", "stf_psnr", "chamfer", "f_score", "n_empty_meshes", "n_assets"):
+        if name not in row:
+            continue
+        key = name
+        if name in MESH_METRICS and grid_size != ENCODER_DEFAULTS["grid_size"]:
+            key += f"@{grid_size}"
+        if name in IMAGE_METRICS and resolution is not None:
+            key += f"@{resolution}px"
+        out[key] = float(row[name])
+    return out
+
+
 @torch.no_grad()
 def evaluate_checkpoint(
     model,
     dataset,
     *,
-    views: str = "all",
-    resolution: int | None = None,
-    grid_size: int = 128,
-    n_points: int = 16384,
-    fscore_threshold: float = DEFAULT_FSCORE_THRESHOLD,
-    psnr_cap: float | None = 100.0,
-    batch_size: int = 1,
-    seed: int = 0,
+    views: str = ENCODER_DEFAULTS["views"],
+    resolution: int | None = ENCODER_DEFAULTS["resolution"],
+    grid_size: int | None = ENCODER_DEFAULTS["grid_size"],
+    n_points: int = ENCODER_DEFAULTS["n_points"],
+    fscore_threshold: float = ENCODER_DEFAULTS["fscore_threshold"],
+    psnr_cap: float | None = ENCODER_DEFAULTS["psnr_cap"],
+    batch_size: int = ENCODER_DEFAULTS["batch_size"],
+    seed: int = ENCODER_DEFAULTS["seed"],
+    stf: bool = ENCODER_DEFAULTS["stf"],
+    geometry: bool = ENCODER_DEFAULTS["geometry"],
     sources: SourceMeshes | None = None,
-    grid_assets: int = 4,
-    grid_views: int = 4,
+    grid_assets: int = ENCODER_DEFAULTS["grid_assets"],
+    grid_views: int = ENCODER_DEFAULTS["grid_views"],
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Metrics of one :class:`~shapee.models.Transmitter` on every asset of ``dataset`` (an ``AssetDataset`` with
-    targets). Returns ``(row, grid)``: the row's means and per-asset values, and a uint8 image grid
-    ``[A·3·H, V·W, 3]`` (per asset: target, NeRF, STF rows)."""
+    targets): the one evaluation behind ``evaluate.py task=encoder`` and the encoder trainer's ``eval/*`` numbers.
+
+    Returns ``(row, grid)``: the row's means (``nerf_psnr``, ``nerf_transmittance_l1``, and with ``stf``:
+    ``stf_psnr``, ``chamfer``, ``f_score``, ``n_empty_meshes``), ``n_assets``, ``views`` (resolved), ``grid_size``
+    and the per-asset values; and a uint8 image grid ``[A·rows·R, V·R, 3]`` (per asset: target, NeRF and, with
+    ``stf``, STF rows). ``grid_size=None``: the model's ``stf_grid_size``. ``geometry=False`` skips Chamfer / F-score
+    (they need the source meshes). Settings as in :data:`ENCODER_DEFAULTS`.
+    """
     from shapee.data.dataset import collate_assets
     from shapee.models.transmitter import batch_cameras
 
-    if views not in ("all", "holdout"):
-        raise ValueError(f"views must be 'all' or 'holdout', got {views!r}")
-    if views == "holdout" and model.holdout_views < 1:
-        raise ValueError("views='holdout' but the model holds out no target views (model.holdout_views = 0)")
+    views = resolve_views(views, model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    grid_size = int(grid_size or model.stf_grid_size)
     sources = sources or SourceMeshes()
     device = next(model.parameters()).device
     per_asset: list[dict[str, Any]] = []
@@ -171,47 +229,61 @@ def evaluate_checkpoint(
         keep = slice(0, T) if views == "all" else slice(T - model.holdout_views, T)
         cameras = [c[keep] for c in batch_cameras(batch, "target")]
         target = target[:, keep]  # [B, n, H, W, 3]
+        alpha = batch["target_alpha"][:, keep] if "target_alpha" in batch else None  # [B, n, H, W]
         if resolution is not None and resolution != H:
             if resolution > H:
                 raise ValueError(f"resolution={resolution} is above the records' target resolution {H}")
             cameras = [c.resized(resolution) for c in cameras]
             target = _area_resize(target, resolution)
+            alpha = None if alpha is None else _area_resize(alpha[..., None], resolution)[..., 0]
         cameras = [c.to(device) for c in cameras]
 
         latent = model.encode(batch, generator=generator)  # [B, n_ctx, d]
-        nerf = model.render_nerf(latent, cameras, deterministic=True)["rgb"].clamp(0, 1)  # [B, n, R, R, 3]
-        stf_out = model.render_stf(latent, cameras, grid_size=grid_size)
-        stf = stf_out["rgb"].clamp(0, 1)  # [B, n, R, R, 3]
+        nerf_out = model.render_nerf(latent, cameras, deterministic=True)
+        nerf = nerf_out["rgb"].clamp(0, 1)  # [B, n, R, R, 3]
         nerf_psnr = psnr_per_item(nerf, target, cap=psnr_cap)  # [B]
-        stf_psnr = psnr_per_item(stf, target, cap=psnr_cap)  # [B]
+        transmittance_l1 = None
+        if alpha is not None and "transmittance" in nerf_out:
+            transmittance_l1 = (nerf_out["transmittance"] - (1 - alpha)).abs().flatten(1).mean(1)  # [B]
+        if stf:
+            stf_out = model.render_stf(latent, cameras, grid_size=grid_size)
+            stf_rgb = stf_out["rgb"].clamp(0, 1)  # [B, n, R, R, 3]
+            stf_psnr = psnr_per_item(stf_rgb, target, cap=psnr_cap)  # [B]
 
         for b, index in enumerate(indices):
             record = dataset.records[index]
-            verts, faces = stf_out["verts"][b], stf_out["faces"][b]  # [V, 3], [F, 3] world frame
-            asset = {"asset_id": record.asset_id, "nerf_psnr": float(nerf_psnr[b]), "stf_psnr": float(stf_psnr[b])}
-            if faces.shape[0] == 0:
-                asset.update(chamfer=math.nan, f_score=0.0, precision=0.0, recall=0.0, empty_mesh=True)
-            else:
-                reference = source_points(sources.get(record), n_points, seed + index, device)  # [n, 3]
-                g = torch.Generator().manual_seed(seed + index)
-                predicted = sample_mesh_points(verts, faces, n_points, generator=g)  # [n, 3]
-                asset.update(point_set_metrics(predicted, reference, fscore_threshold), empty_mesh=False)
+            asset = {"asset_id": record.asset_id, "nerf_psnr": float(nerf_psnr[b])}
+            if transmittance_l1 is not None:
+                asset["nerf_transmittance_l1"] = float(transmittance_l1[b])
+            if stf:
+                verts, faces = stf_out["verts"][b], stf_out["faces"][b]  # [V, 3], [F, 3] world frame
+                asset.update(stf_psnr=float(stf_psnr[b]), empty_mesh=bool(faces.shape[0] == 0))
+                if geometry and faces.shape[0] == 0:
+                    asset.update(chamfer=math.nan, f_score=0.0, precision=0.0, recall=0.0)
+                elif geometry:
+                    reference = source_points(sources.get(record), n_points, seed + index, device)  # [n, 3]
+                    g = torch.Generator().manual_seed(seed + index)
+                    predicted = sample_mesh_points(verts, faces, n_points, generator=g)  # [n, 3]
+                    asset.update(point_set_metrics(predicted, reference, fscore_threshold))
             per_asset.append(asset)
-            if len(grid_rows) < 3 * grid_assets:
+            if len(grid_rows) < (3 if stf else 2) * grid_assets:
                 v = slice(0, grid_views)
-                for images in (target[b, v], nerf[b, v], stf[b, v]):  # [v, R, R, 3] each
+                for images in (target[b, v], nerf[b, v]) + ((stf_rgb[b, v],) if stf else ()):  # [v, R, R, 3] each
                     grid_rows.append(torch.cat(list(images), dim=1))  # [R, v·R, 3]
     seconds = time.perf_counter() - start
-    row = {
-        "nerf_psnr": _mean([a["nerf_psnr"] for a in per_asset]),
-        "stf_psnr": _mean([a["stf_psnr"] for a in per_asset]),
-        "chamfer": _mean([a["chamfer"] for a in per_asset]),
-        "f_score": _mean([a["f_score"] for a in per_asset]),
-        "n_assets": len(per_asset),
-        "n_empty_meshes": sum(a["empty_mesh"] for a in per_asset),
-        "seconds_per_asset": seconds / max(len(per_asset), 1),
-        "assets": per_asset,
-    }
+    row: dict[str, Any] = {"nerf_psnr": _mean([a["nerf_psnr"] for a in per_asset])}
+    if per_asset and "nerf_transmittance_l1" in per_asset[0]:
+        row["nerf_transmittance_l1"] = _mean([a["nerf_transmittance_l1"] for a in per_asset])
+    if stf:
+        row["stf_psnr"] = _mean([a["stf_psnr"] for a in per_asset])
+        if geometry:
+            row["chamfer"] = _mean([a["chamfer"] for a in per_asset])
+            row["f_score"] = _mean([a["f_score"] for a in per_asset])
+        row["n_empty_meshes"] = sum(a["empty_mesh"] for a in per_asset)
+    row.update(
+        n_assets=len(per_asset), views=views, grid_size=grid_size, seconds_per_asset=seconds / max(len(per_asset), 1),
+        assets=per_asset,
+    )
     grid = None
     if grid_rows:
         grid = (torch.cat(grid_rows, dim=0).cpu().numpy() * 255).round().astype(np.uint8)  # [rows·R, v·R, 3]
@@ -279,10 +351,10 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if s["max_assets"] is not None and s["max_assets"] < len(dataset):
             dataset = AssetDataset(root, asset_ids=dataset.asset_ids[: int(s["max_assets"])], **read)
         row, grid = evaluate_checkpoint(
-            model, dataset, views=s["views"], resolution=s["resolution"], grid_size=int(s["grid_size"]),
+            model, dataset, views=s["views"], resolution=s["resolution"], grid_size=s["grid_size"],
             n_points=int(s["n_points"]), fscore_threshold=float(s["fscore_threshold"]), psnr_cap=s["psnr_cap"],
-            batch_size=int(s["batch_size"]), seed=int(s["seed"]), sources=sources, grid_assets=int(s["grid_assets"]),
-            grid_views=int(s["grid_views"]),
+            batch_size=int(s["batch_size"]), seed=int(s["seed"]), stf=bool(s["stf"]), geometry=bool(s["geometry"]),
+            sources=sources, grid_assets=int(s["grid_assets"]), grid_views=int(s["grid_views"]),
         )
         resolution = s["resolution"] or int(dataset[0]["target_rgb"].shape[1])
         label = labels[i] if labels is not None else _default_label(path, model)
@@ -294,13 +366,15 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     settings = {
         "data_root": str(root),
-        "views": s["views"],
+        "views": s["views"] if s["views"] != "auto" else "auto (holdout when the model holds views out, else all)",
+        "views_per_row": [r["views"] for r in rows],
         "cameras": "the records' fixed target cameras",
+        "batch_size": int(s["batch_size"]),
         "nerf_sampling": "deterministic (stratified midpoints + deterministic importance sampling)",
         "background": "black",
         "colour_space": "sRGB in [0, 1]",
         "psnr": f"per asset over all pixels of its evaluated views, mean over assets; capped at {s['psnr_cap']} dB",
-        "mesh": f"SDF grid {s['grid_size']}³ → Marching Cubes 33 (level 0)",
+        "mesh": f"SDF grid {'/'.join(sorted({str(r['grid_size']) for r in rows}))}³ → Marching Cubes 33 (level 0)",
         "chamfer": "Chamfer-L1: ½(mean NN distance both ways), world units of the normalised frame [-1, 1]³",
         "fscore_threshold": float(s["fscore_threshold"]),
         "n_points": int(s["n_points"]),
@@ -310,17 +384,20 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
     table = markdown_table(
         ["stage / checkpoint", "NeRF PSNR (dB)", "STF PSNR (dB)", "Chamfer-L1 (×10⁻³)",
          f"F-score@{s['fscore_threshold']:g}", "assets", "empty meshes", "resolution"],
-        [[r["label"], _fmt(r["nerf_psnr"]), _fmt(r["stf_psnr"]), _fmt(r["chamfer"] * 1e3), _fmt(r["f_score"], 3),
-          r["n_assets"], r["n_empty_meshes"], f"{r['resolution']}²"] for r in rows],
+        [[r["label"], _fmt(r["nerf_psnr"]), _fmt(r.get("stf_psnr", math.nan)), _fmt(r.get("chamfer", math.nan) * 1e3),
+          _fmt(r.get("f_score", math.nan), 3), r["n_assets"], r.get("n_empty_meshes", "n/a"), f"{r['resolution']}²"]
+         for r in rows],
     )
     notes = [
-        f"Records: `{root}`; views: {s['views']} target views per asset, the records' fixed cameras, rendered at "
-        f"{resolution}², black background, sRGB in [0, 1]. NeRF: deterministic sampling. STF: mesh from a "
-        f"{s['grid_size']}³ SDF grid (MC33), PyTorch3D with the dataset lighting.",
+        f"Records: `{root}`; views: {'/'.join(sorted({r['views'] for r in rows}))} target views per asset, the "
+        f"records' fixed cameras, rendered at {resolution}², black background, sRGB in [0, 1]. NeRF: deterministic "
+        f"sampling. STF: mesh from a {'/'.join(sorted({str(r['grid_size']) for r in rows}))}³ SDF grid (MC33), "
+        "PyTorch3D with the dataset lighting.",
         f"PSNR per asset over all its evaluated pixels, mean over assets, capped at {s['psnr_cap']} dB.",
         f"Chamfer-L1 and F-score: {s['n_points']} area-uniform surface samples on the extracted mesh and on the source "
         f"mesh, normalised world frame [-1, 1]³ (box side 2); F-score threshold τ = {s['fscore_threshold']:g} "
-        f"({100 * float(s['fscore_threshold']) / 2:g} % of the box side). Empty meshes: no Chamfer, F-score 0.",
+        f"({100 * float(s['fscore_threshold']) / 2:g} % of the box side). Empty meshes: no Chamfer, F-score 0."
+        if s["stf"] and s["geometry"] else "Chamfer-L1 and F-score: not measured (stf=false or geometry=false).",
     ]
     markdown = "## Encoder evaluation (Table 1)\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     results = {"task": "encoder", "settings": settings, "rows": rows, "markdown": markdown}

@@ -6,53 +6,39 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shapee.data.dataset import AssetDataset, collate_assets
-from shapee.eval.metrics import psnr
+from shapee.eval.encoder import CHECKPOINT_SETTINGS, ENCODER_DEFAULTS, SourceMeshes, evaluate_checkpoint, metric_keys
 from shapee.io.loading import load_model
-from shapee.models.transmitter import Transmitter, batch_cameras
+from shapee.models.transmitter import Transmitter
 from shapee.train.loop import train
 from shapee.train.rng import seed_everything
 
 
-def heldout_eval_fn(dataset: AssetDataset, *, n_views: int | None = None, deterministic: bool = True, stf: bool = True):
-    """``eval_fn(model, step)``: NeRF (and STF mesh) PSNR on the held-out target views of ``dataset``'s assets.
+def heldout_eval_fn(dataset: AssetDataset, *, toy_seed: int = 0, **settings: Any):
+    """``eval_fn(model, step)``: :func:`shapee.eval.encoder.evaluate_checkpoint` on ``dataset`` — the function
+    ``evaluate.py task=encoder`` runs, with its defaults (:data:`~shapee.eval.encoder.ENCODER_DEFAULTS`) unless
+    ``settings`` says otherwise, so the logged numbers are the ones ``evaluate.py`` gives for the same snapshot on the
+    same assets (``max_assets=`` the trainer's ``eval.n_assets``).
 
-    The held-out views are the last ``model.holdout_views`` target views of each record, never used for training
-    rays. Renders at the records' resolution, sRGB in [0, 1] on black, NeRF with deterministic sampling, STF meshes
-    at ``model.stf_grid_size``³; PSNR over all pixels of all held-out views (``nerf_psnr``, ``stf_psnr``) plus the
-    fine-pass transmittance L1. Images: NeRF renders | STF renders | targets.
+    By default: the held-out target views (the last ``model.holdout_views``, never used for training rays) at the
+    records' resolution, sRGB in [0, 1] on black, deterministic NeRF sampling, the encoder shuffle seeded with
+    ``seed``, PSNR per asset averaged over assets. A setting cheaper than ``evaluate.py``'s is named in the key
+    (:func:`shapee.eval.encoder.metric_keys`): ``stf_psnr@32`` for a 32³ mesh grid. Image: per asset target | NeRF |
+    STF rows (``images/target_nerf_stf``).
     """
+    unknown = sorted(set(settings) - set(CHECKPOINT_SETTINGS))
+    if unknown:
+        raise ValueError(f"heldout_eval_fn: unknown evaluation settings {unknown}; known: {list(CHECKPOINT_SETTINGS)}")
+    run = {**{k: ENCODER_DEFAULTS[k] for k in CHECKPOINT_SETTINGS}, **settings}
+    sources = SourceMeshes(toy_seed)
 
-    @torch.no_grad()
     def eval_fn(model: Transmitter, step: int) -> dict[str, Any]:
-        k = model.holdout_views if n_views is None else min(n_views, model.holdout_views)
-        if k < 1:
-            return {}
-        device = next(model.parameters()).device
-        batch = collate_assets([dataset[i] for i in range(len(dataset))])
-        batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-        latent = model.encode(batch)
-        cameras = [c[len(c) - k :] for c in batch_cameras(batch, "target")]
-        out = model.render_nerf(latent, [c.to(device) for c in cameras], deterministic=deterministic)
-        target = batch["target_rgb"][:, -k:]  # [B, k, H, W, 3]
-        alpha = batch["target_alpha"][:, -k:]  # [B, k, H, W]
-        rgb = out["rgb"].clamp(0, 1)
-        metrics = {
-            "nerf_psnr": psnr(rgb, target),
-            "nerf_transmittance_l1": (out["transmittance"] - (1 - alpha)).abs().mean().item(),
-        }
-        rows = [rgb[0]]
-        if stf:
-            stf_rgb = model.render_stf(latent, [c.to(device) for c in cameras])["rgb"].clamp(0, 1)  # [B, k, H, W, 3]
-            metrics["stf_psnr"] = psnr(stf_rgb, target)
-            rows.append(stf_rgb[0])
-        grid = torch.cat(rows + [target[0]], dim=1)  # [k, rows·H, W, 3]: renders over the target
-        grid = torch.cat(list(grid), dim=1)  # [rows·H, k·W, 3]
-        metrics["images/renders_vs_target"] = (grid.cpu().numpy() * 255).round().astype(np.uint8)
+        row, grid = evaluate_checkpoint(model, dataset, sources=sources, **run)
+        metrics: dict[str, Any] = metric_keys(row, grid_size=row["grid_size"], resolution=run["resolution"])
+        if grid is not None:
+            metrics["images/target_nerf_stf"] = grid  # [rows·R, V·R, 3] uint8
         return metrics
 
     return eval_fn
@@ -76,7 +62,9 @@ def train_encoder(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     dataset = AssetDataset(
         cfg.data.root, load_targets=True, load_sdf=stage == "distill", n_points=encoder.n_points, n_views=encoder.n_views
     )
-    n_eval = min(int(cfg.eval.n_assets), len(dataset))
+    # The evaluation: evaluate.py's function and defaults on the first eval.n_assets assets (evaluate.py max_assets=).
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    n_eval = min(int(eval_cfg.pop("n_assets")), len(dataset))
     eval_set = AssetDataset(
         cfg.data.root, load_sdf=False, n_points=encoder.n_points, n_views=encoder.n_views, asset_ids=dataset.asset_ids[:n_eval]
     )
@@ -87,9 +75,7 @@ def train_encoder(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
         train_set=dataset,
         run_dir=cfg.run_dir,
         collate_fn=collate_assets,
-        eval_fn=heldout_eval_fn(
-            eval_set, n_views=cfg.eval.n_views, deterministic=cfg.eval.deterministic, stf=cfg.eval.stf
-        ) if n_eval else None,
+        eval_fn=heldout_eval_fn(eval_set, **eval_cfg) if n_eval else None,
         model_config={"_target_": "shapee.models.Transmitter", **model_cfg},
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
