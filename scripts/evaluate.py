@@ -2,13 +2,13 @@
 
     python scripts/evaluate.py task=encoder ckpt=runs/encoder_nerf/checkpoints/snapshot.pt data.root=<records>
     python scripts/evaluate.py task=generation ckpt=runs/prior_text/checkpoints/snapshot.pt prompts=prompts.txt \
-        decoder=runs/encoder_finetune/checkpoints/snapshot.pt
+        transmitter=runs/encoder_finetune/checkpoints/snapshot.pt
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import UserError, require_dataset, require_file, require_files, require_key, user_errors
+from shapee.cli import UserError, refuse_renamed_keys, require_dataset, require_file, require_files, require_key, user_errors
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -21,7 +21,7 @@ def check_inputs(cfg: DictConfig) -> None:
         require_dataset(cfg, "data.root", "<folder of prepared records (scripts/prepare_data.py)>")
     else:
         require_file(cfg, "ckpt", "<text prior snapshot.pt>")
-        require_file(cfg, "decoder", "<transmitter snapshot or transmitter.pt that decodes the prior's latents>")
+        require_file(cfg, "transmitter", "<transmitter snapshot or transmitter.pt that decodes the prior's latents>")
         prompts = require_key(cfg, "prompts", "<prompts .txt (one per line) or .json list>")
         if isinstance(prompts, str):
             require_file(cfg, "prompts", "<prompts .txt (one per line) or .json list>")
@@ -40,4 +40,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_renamed_keys("evaluate")
     main()

@@ -127,6 +127,7 @@ RENAMED_KEYS: dict[str, dict[str, str]] = {
     "extract_latents": {"encoder": "transmitter"},
     "train_diffusion": {"decoder": "transmitter"},
     "sample": {"decoder": "head"},
+    "evaluate": {"decoder": "transmitter", "renderer": "head"},
 }
 
 

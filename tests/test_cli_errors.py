@@ -146,7 +146,9 @@ def test_sigterm_stops_a_training_script_with_exit_3_and_its_snapshot_cannot_sta
 
 @pytest.mark.parametrize("script, old, new", [("extract_latents.py", "encoder", "transmitter"),
                                               ("train_diffusion.py", "decoder", "transmitter"),
-                                              ("sample.py", "decoder", "head")])
+                                              ("sample.py", "decoder", "head"),
+                                              ("evaluate.py", "decoder", "transmitter"),
+                                              ("evaluate.py", "renderer", "head")])
 def test_renamed_keys_name_the_new_key_in_one_line(script, old, new):
     # One name per thing: transmitter= is the weights that decode latents in every script, head= the stf|nerf head.
     proc = run_script(script, f"{old}=x.pt", check=False)

@@ -245,7 +245,7 @@ def eval_clip_file(tmp_path_factory):
 
 
 def _generation_cfg(prior, decoder, prompts, out, eval_clip, *extra: str) -> dict:
-    cfg = _compose("task=generation", f"ckpt={prior}", f"decoder={decoder}", f"prompts={prompts}", f"out={out}",
+    cfg = _compose("task=generation", f"ckpt={prior}", f"transmitter={decoder}", f"prompts={prompts}", f"out={out}",
                    "steps=2", "render_views=2", "render_resolution=32", "grid_size=16", "n_per_prompt=2",
                    "batch_prompts=2", "device=cpu", *extra)
     cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -258,7 +258,7 @@ def test_generation_evaluation_end_to_end(data, prior, eval_clip_file, tmp_path)
     prompts.write_text("# evaluation prompts\n" + "\n".join(PROMPTS) + "\n\n")
     eval_clip = {"model_cfg": EVAL_CLIP_CFG, "pretrained": str(eval_clip_file)}
     cfg = _generation_cfg(prior, data["transmitter"], prompts, tmp_path / "gen", eval_clip)
-    overrides = [f"{k}={v}" for k, v in cfg.items() if k in ("task", "ckpt", "decoder", "prompts", "out", "steps",
+    overrides = [f"{k}={v}" for k, v in cfg.items() if k in ("task", "ckpt", "transmitter", "prompts", "out", "steps",
                  "render_views", "render_resolution", "grid_size", "n_per_prompt", "batch_prompts", "device")]
     model_cfg = json.dumps(EVAL_CLIP_CFG).replace('"', "").replace(" ", "")  # Hydra's dict override grammar
     proc = run_script("evaluate.py", *overrides, f"eval_clip.model_cfg={model_cfg}", f"eval_clip.pretrained={eval_clip_file}")

@@ -312,7 +312,7 @@ def test_evaluate_script_refuses_tampered_checkpoints(legit, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\n")
     proc = run_script("evaluate.py", "task=generation", f"ckpt={path}", f"prompts={prompts}",
-                      f"decoder={legit['transmitter']}", f"out={tmp_path / 'g'}", "device=cpu", check=False)
+                      f"transmitter={legit['transmitter']}", f"out={tmp_path / 'g'}", "device=cpu", check=False)
     _assert_script_refused(proc, path, key, payload, victims)
 
 

@@ -36,13 +36,13 @@ from shapee.eval.report import markdown_table, pick_device, save_image_grid, wri
 from shapee.io.loading import load_transmitter
 
 GENERATION_DEFAULTS: dict[str, Any] = dict(
-    decoder=None,  # transmitter snapshot / released transmitter.pt that decodes the prior's latents
+    transmitter=None,  # transmitter snapshot / released transmitter.pt that decodes the prior's latents
     n_per_prompt=1,  # samples per prompt
     batch_prompts=8,  # prompts per sampling call
     guidance_scale=None,  # null: the prior's (15 for text as released)
     steps=64,  # sampler steps
     sampler="karras",
-    renderer="stf",  # stf (mesh render) | nerf
+    head="stf",  # stf (mesh render) | nerf
     views=20,  # turntable cameras per sample
     elevation_deg=30.0,  # camera elevation above the horizon
     resolution=128,  # render size (square)
@@ -180,10 +180,10 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("ckpt=<text prior snapshot> is required for task=generation")
     if not cfg.get("prompts") or cfg["prompts"] == "???":
         raise ValueError("prompts=<file with one prompt per line> is required for task=generation")
-    if not s["decoder"]:
-        raise ValueError("decoder=<transmitter snapshot or transmitter.pt> is required to render the prior's latents")
-    if s["renderer"] not in ("stf", "nerf"):
-        raise ValueError(f"renderer must be 'stf' or 'nerf', got {s['renderer']!r}")
+    if not s["transmitter"]:
+        raise ValueError("transmitter=<transmitter snapshot or transmitter.pt> is required to render the prior's latents")
+    if s["head"] not in ("stf", "nerf"):
+        raise ValueError(f"head must be 'stf' or 'nerf', got {s['head']!r}")
     for key in ("n_per_prompt", "batch_prompts", "views", "resolution", "steps"):
         if int(s[key]) < 1:
             raise ValueError(f"{key} must be >= 1, got {s[key]}")
@@ -193,11 +193,11 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     prior = shapee.io.load(cfg["ckpt"], device=device)
     if not isinstance(prior, LatentDiffusion) or prior.cond_mode != "text":
         raise ValueError(f"ckpt={cfg['ckpt']!r} is not a text-conditional shapee.models.LatentDiffusion snapshot")
-    decoder = load_transmitter(s["decoder"], device=device)
+    decoder = load_transmitter(s["transmitter"], device=device)
     have = (decoder.encoder.latent_ctx, decoder.encoder.d_latent)
     if have != tuple(prior.latent_shape):
         raise ValueError(
-            f"decoder={s['decoder']!r} decodes latents {list(have)}, the prior makes {list(prior.latent_shape)}"
+            f"transmitter={s['transmitter']!r} decodes latents {list(have)}, the prior makes {list(prior.latent_shape)}"
         )
 
     clip, clip_kwargs = build_eval_clip(s["eval_clip"], device, seed=int(s["seed"]) + 1)
@@ -225,7 +225,7 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if s["warmup"]:  # kernels, CLIP build and allocator warm-up stay out of the timings
         warm = prior.sample(prompts=prompts[:1], n=1, steps=2, sampler=s["sampler"], guidance_scale=s["guidance_scale"],
                             generator=torch.Generator(device).manual_seed(0))
-        _render(decoder, warm, cameras[:1], s["renderer"], int(s["grid_size"]))
+        _render(decoder, warm, cameras[:1], s["head"], int(s["grid_size"]))
     else:
         prior.clip  # noqa: B018  build the conditioning CLIP outside the timed region
 
@@ -241,7 +241,7 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                sampler=s["sampler"], generator=generator)  # [p·n, n_ctx, d]
         _sync(device)
         t1 = time.perf_counter()
-        images = _render(decoder, latents, cameras, s["renderer"], int(s["grid_size"]))  # [p·n, V, R, R, 3]
+        images = _render(decoder, latents, cameras, s["head"], int(s["grid_size"]))  # [p·n, V, R, R, 3]
         _sync(device)
         sample_s, render_s = sample_s + t1 - t0, render_s + time.perf_counter() - t1
         renders.append(images.cpu())
@@ -277,7 +277,7 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "eval_clip": {"model": clip_name, "pretrained": clip_kwargs.get("pretrained"),
                       "model_cfg": clip_kwargs.get("model_cfg")},
         "conditioning_clip": {k: conditioning_clip.get(k) for k in ("model_name", "pretrained", "model_cfg")},
-        "renderer": s["renderer"],
+        "head": s["head"],
         "cameras": f"{V} turntable views at elevation {float(s['elevation_deg']):g}°, distance 4, "
         f"fov {float(s['fov']):g} rad",
         "resolution": int(s["resolution"]),
@@ -298,7 +298,7 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     notes = [
         f"Prompt set: {settings['prompts']} ({len(prompts)} prompts); each render retrieves among all of them; ties "
         "count as misses.",
-        f"Renders: {s['renderer'].upper()}, {settings['cameras']}, {int(s['resolution'])}², black background, sRGB.",
+        f"Renders: {s['head'].upper()}, {settings['cameras']}, {int(s['resolution'])}², black background, sRGB.",
         f"Sampler: {s['sampler']}, {int(s['steps'])} steps, guidance {settings['sampler']['guidance_scale']}; "
         f"device {device}; {settings['timing']}.",
     ]
