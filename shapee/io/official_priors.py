@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shapee.io.layout import adopt_state_dict, read_state_dict_file
-from shapee.io.layout import write_state_dict
+from shapee.io.layout import _read_state_dict, adopt_state_dict, check_state_dict, read_state_dict_file, write_state_dict
 from shapee.models.latent_diffusion import LatentDiffusion
 
 OFFICIAL_PREFIX = "wrapped."
@@ -120,3 +119,14 @@ def load_official_prior(name: str, path_or_state_dict, **kwargs) -> "LatentDiffu
     if not isinstance(path_or_state_dict, Mapping):
         path_or_state_dict = read_state_dict_file(path_or_state_dict, what=f"official {name} checkpoint")
     return prior_from_state_dict(path_or_state_dict, name=name, **kwargs)
+
+
+def load_official_prior_weights(model: "LatentDiffusion", path_or_state_dict, *, name: str | None = None) -> None:
+    """Load a released-layout ``text_cond.pt`` / ``image_cond.pt`` (``wrapped.*`` keys) into an existing ``model``,
+    strictly (fine-tuning starts from it): every missing, unexpected or mismatched key is listed in the
+    :class:`~shapee.io.OfficialCheckpointError` (e.g. a text checkpoint given to an image prior)."""
+    state = _read_state_dict(path_or_state_dict)
+    expected = {k: tuple(v.shape) for k, v in to_official_prior_state_dict(model).items()}
+    check_state_dict(expected, state, name=name or f"{model.cond_mode} prior")
+    model.load_state_dict({_from_official_key(k): v for k, v in state.items()}, strict=True)
+

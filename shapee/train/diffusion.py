@@ -36,13 +36,9 @@ def init_from_official(model: LatentDiffusion, path: str) -> None:
         FileNotFoundError: no such file. :class:`~shapee.io.OfficialCheckpointError`: keys/shapes differ from
             ``model`` (every offending key listed), e.g. a text checkpoint into an image prior.
     """
-    from shapee.io.official import _read_state_dict, check_state_dict
-    from shapee.io.official_priors import _from_official_key, to_official_prior_state_dict
+    from shapee.io.official_priors import load_official_prior_weights
 
-    state = _read_state_dict(path)
-    expected = {k: tuple(v.shape) for k, v in to_official_prior_state_dict(model).items()}
-    check_state_dict(expected, state, name=f"{OFFICIAL_NAME[model.cond_mode]} (init_official={path})")
-    model.load_state_dict({_from_official_key(k): v for k, v in state.items()}, strict=True)
+    load_official_prior_weights(model, path, name=f"{OFFICIAL_NAME[model.cond_mode]} (init_official={path})")
 
 
 def _will_resume(resume: str | None, run_dir: Path) -> bool:
