@@ -100,6 +100,16 @@ def write_state_dict(state_dict: Mapping[str, Tensor], path: str | os.PathLike) 
     return path
 
 
+def load_weights_only(path: Path, *, mmap: bool = False) -> object:
+    """What a ``.safetensors`` file (by suffix) or a ``.pt`` file read with ``torch.load(weights_only=True)`` holds;
+    the readers' errors propagate (each caller names the file in its own error type)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def read_state_dict_file(path: str | os.PathLike, *, what: str = "official checkpoint") -> dict[str, Tensor]:
     """A plain tensor dict from a ``.safetensors`` file or a ``.pt`` file read with ``torch.load(weights_only=True)``.
 
@@ -115,12 +125,7 @@ def read_state_dict_file(path: str | os.PathLike, *, what: str = "official check
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_weights_only(path)
     except pickle.UnpicklingError as e:
         # weights_only refuses (without calling) any global that is not a tensor/plain container; garbage bytes land
         # here too ("invalid load key").

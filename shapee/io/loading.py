@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT, CheckpointError, _safe_load
@@ -35,6 +34,7 @@ from shapee.io.diffusers_format import (
     load_diffusers_prior,
     load_diffusers_transmitter,
 )
+from shapee.io.layout import load_weights_only
 from shapee.io.official import OfficialCheckpointError, load_official
 from shapee.io.official_pointe import load_official_pointe_sdf
 from shapee.io.safe import build_model, is_model_file
@@ -105,10 +105,7 @@ def load_transmitter(
     if not path.is_file():
         raise EncoderLoadError(f"encoder checkpoint {str(path)!r} does not exist (or is not a file)")
     try:
-        if path.suffix == ".safetensors":
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = load_weights_only(path, mmap=True)
     except Exception as e:  # truncated file, pickled objects refused by weights_only, not a torch file
         raise EncoderLoadError(f"encoder checkpoint {str(path)!r} cannot be read: {type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
