@@ -1,30 +1,47 @@
-"""Evaluate encoder checkpoints (Table 1) or a text prior (CLIP R-Precision). See configs/evaluate.yaml.
+"""Evaluate encoder checkpoints (Table 1) or a text prior (CLIP R-Precision). See configs/evaluate.yaml; each task's
+settings, defaults and meanings: shapee/eval/config.py.
 
-    python scripts/evaluate.py task=encoder ckpt=runs/encoder_nerf/checkpoints/snapshot.pt data.root=<records>
-    python scripts/evaluate.py task=generation ckpt=runs/prior_text/checkpoints/snapshot.pt prompts=prompts.txt \
+    python scripts/evaluate.py task=encoder transmitter=runs/encoder_nerf/checkpoints/snapshot.pt data.root=<records>
+    python scripts/evaluate.py task=generation prior=runs/prior_text/checkpoints/snapshot.pt prompts=prompts.txt \
         transmitter=runs/encoder_finetune/checkpoints/snapshot.pt
 """
+
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import UserError, refuse_renamed_keys, require_dataset, require_file, require_files, require_key, user_errors
+from shapee.cli import (
+    UserError, check_overrides, refuse_renamed_keys, require_dataset, require_file, require_files, require_key,
+    user_errors,
+)
+from shapee.eval.config import TASKS, merge_settings, register_configs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def check_inputs(cfg: DictConfig) -> None:
-    """The files each task reads, before any model is built."""
-    task = require_key(cfg, "task", "encoder|generation")
-    if task not in ("encoder", "generation"):
-        raise UserError(f"task={task!r}: pass task=encoder or task=generation")
-    if task == "encoder":
-        require_files(cfg, "ckpt", "<transmitter snapshot / checkpoint / transmitter.pt, or a list of them>")
+    """The files the task reads and its settings, before any model is built."""
+    if cfg.task == "encoder":
+        require_files(cfg, "transmitter", "<transmitter snapshot / checkpoint / transmitter.pt, or a list of them>")
         require_dataset(cfg, "data.root", "<folder of prepared records (scripts/prepare_data.py)>")
     else:
-        require_file(cfg, "ckpt", "<text prior snapshot.pt>")
+        require_file(cfg, "prior", "<text prior snapshot.pt>")
         require_file(cfg, "transmitter", "<transmitter snapshot or transmitter.pt that decodes the prior's latents>")
-        prompts = require_key(cfg, "prompts", "<prompts .txt (one per line) or .json list>")
-        if isinstance(prompts, str):
+        require_key(cfg, "prompts", "<prompts .txt (one per line) or .json list>")
+        if isinstance(cfg.prompts, str):
             require_file(cfg, "prompts", "<prompts .txt (one per line) or .json list>")
+    try:
+        merge_settings(TASKS[cfg.task], cfg)  # e.g. a key added with +key= that the task does not have
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+@user_errors("evaluate")
+def check_command_line() -> None:
+    """Old keys, unknown keys, wrong types and an unset or unknown task= as one line (exit 2), before Hydra runs."""
+    refuse_renamed_keys("evaluate")
+    check_overrides(CONFIGS, "evaluate")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
@@ -40,5 +57,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_renamed_keys("evaluate")
+    register_configs()  # the task schemas that configs/task/*.yaml extend
+    check_command_line()
     main()

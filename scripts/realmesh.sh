@@ -45,5 +45,5 @@ stage finetune "$finetune_steps" trainer.optimizer.lr=1e-4 trainer.lr_schedule.w
 
 # 3. evaluate.py with its defaults (held-out views, 128³ mesh grid, Chamfer / F-score against the source meshes).
 snap() { echo "$out/$1/checkpoints/snapshot.pt"; }
-"$PY" scripts/evaluate.py task=encoder "ckpt=[$(snap nerf),$(snap distill),$(snap finetune)]" \
+"$PY" scripts/evaluate.py task=encoder "transmitter=[$(snap nerf),$(snap distill),$(snap finetune)]" \
   "labels=[nerf,distill,finetune]" "data.root=$out/records" "out=$out/eval" "grid_assets=$n_assets" device=cpu

@@ -122,24 +122,119 @@ def _get(cfg: Any, key: str) -> Any:
 
 
 # Keys that were renamed so that one name means one thing everywhere (transmitter= the weights that decode latents,
-# head= the stf|nerf head): script → {old key: new key}. An old key on the command line is a one-line error.
-RENAMED_KEYS: dict[str, dict[str, str]] = {
+# prior= the prior's weights, head= the stf|nerf head): script → {old key: new key, or {task=<choice>: new key}}. An
+# old key on the command line is a one-line error.
+RENAMED_KEYS: dict[str, dict[str, str | dict[str, str]]] = {
     "extract_latents": {"encoder": "transmitter"},
     "train_diffusion": {"decoder": "transmitter"},
     "sample": {"decoder": "head"},
-    "evaluate": {"decoder": "transmitter", "renderer": "head"},
+    "evaluate": {"decoder": "transmitter", "renderer": "head",
+                 "ckpt": {"encoder": "transmitter", "generation": "prior"}},
 }
+
+
+def _override_key(arg: str) -> tuple[str, str]:
+    """``"+a.b=v"`` → ``("a.b", "v")``."""
+    key, _, value = arg.lstrip("+~").partition("=")
+    return key, value
 
 
 def refuse_renamed_keys(script: str, argv: list[str] | None = None) -> None:
     """Exit with one line (code 2) when the command line uses a key that ``script`` renamed; call before Hydra
-    parses (Hydra would only say the key is not in the config)."""
+    parses (Hydra would only say the key is not in the config). A key renamed per task names the new key of the
+    ``task=`` on the command line (or each task's, when there is none)."""
+    argv = sys.argv[1:] if argv is None else argv
     renamed = RENAMED_KEYS.get(script, {})
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key in renamed:
-            new = renamed[key]
-            fail(script, f"{key}= was renamed to {new}=: pass {new}={value or '<value>'}")
+    task = dict(_override_key(a) for a in argv).get("task")
+    for arg in argv:
+        key, value = _override_key(arg)
+        if key not in renamed:
+            continue
+        new = renamed[key]
+        if isinstance(new, dict) and task in new:
+            new = new[task]
+        if isinstance(new, dict):
+            each = ", ".join(f"task={t} {n}={value or '<value>'}" for t, n in new.items())
+            fail(script, f"{key}= was renamed per task: pass {each}")
+        fail(script, f"{key}= was renamed to {new}=: pass {new}={value or '<value>'}")
+
+
+def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: list[str] | None = None) -> None:
+    """Compose ``config_name`` with the command line's overrides (Hydra's compose API) and raise a one-line
+    :class:`UserError` for what Hydra would report in several lines with exit code 1: a key the config does not have
+    (with the nearest known key), a value of the wrong type, a config group left unset or set to an option that does
+    not exist. Call before ``@hydra.main`` runs, after any ConfigStore registration; a command line with Hydra flags
+    (``--cfg``, ``-m``, ...) is left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.startswith("-") for a in argv):
+        return
+    overrides = [a for a in argv if not _override_key(a)[0].startswith(("hydra.", "hydra/"))]
+
+    def _compose(overrides: list[str]):
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+
+    try:
+        _compose(overrides)
+    except OverrideParseException as e:
+        raise UserError(f"{e.override}: {str(e).splitlines()[0]}") from None
+    except MissingConfigException as e:
+        group = (e.missing_cfg_file or "").rpartition("/")[0]
+        choice = dict(_override_key(a) for a in overrides).get(group)
+        options = "|".join(e.options or [])
+        raise UserError(f"{group}={choice}: no such option; pass {group}={options}") from None
+    except HydraException as e:
+        cause, text = e.__cause__, str(e)
+        key = getattr(cause, "full_key", None)
+        if text.startswith("You must specify"):
+            group = text.split("'")[1]
+            options = [line.strip() for line in text.splitlines()[2:] if line.strip()]
+            raise UserError(f"{group} is not set: pass {group}={'|'.join(options)}") from None
+        if key and text.startswith("Could not override"):
+            bad = next(a for a in overrides if _override_key(a)[0] == key)
+            raise UserError(f"{key}= is not a setting{_where(overrides)}{_nearest(key, _compose, overrides, bad)}") \
+                from None
+        if key:
+            arg = next((a for a in overrides if _override_key(a)[0] == key), key)
+            raise UserError(f"{arg}: {str(cause).splitlines()[0]}") from None
+        raise UserError(text.splitlines()[0]) from None
+
+
+def _where(overrides: list[str]) -> str:
+    """`` of task=<choice>`` when the command line picks a task."""
+    task = dict(_override_key(a) for a in overrides).get("task")
+    return f" of task={task}" if task else ""
+
+
+def _nearest(key: str, compose: Callable, overrides: list[str], bad: str) -> str:
+    """``; did you mean <k>=?`` with the known key nearest to ``key`` (the config composed without ``bad``)."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = compose([a for a in overrides if a != bad])
+    except Exception:
+        return ""
+    known: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        for k in node:
+            path = f"{prefix}{k}"
+            known.append(path)
+            if OmegaConf.is_dict(node._get_node(k)):
+                walk(node[k], path + ".")
+
+    walk(cfg, "")
+    ratio = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
+    best = max(ratio.values(), default=0.0)
+    # A near-spelling (a typo) gets the one key; a looser match its two nearest (views= → grid_views=, render_views=).
+    near = [k for k in known if ratio[k] >= max(0.5, best - 0.1)] if best < 0.8 else [k for k in known if ratio[k] == best]
+    close = sorted(near, key=lambda k: -ratio[k])[:2]
+    return f"; did you mean {' or '.join(c + '=' for c in close)}?" if close else f"; known: {', '.join(k for k in known if '.' not in k)}"
 
 
 def require_key(cfg: Any, key: str, hint: str) -> Any:

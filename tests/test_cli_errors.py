@@ -88,8 +88,8 @@ def test_extract_latents_and_evaluate_without_inputs(tmp_path):
     line = _user_error(*_timed("extract_latents.py", f"records={tmp_path / 'nope'}", "transmitter=e.pt", "out=o"),
                        "extract_latents")
     assert "records=" in line and "no such folder" in line
-    line = _user_error(*_timed("evaluate.py", "task=encoder", f"ckpt={tmp_path / 'e.pt'}"), "evaluate")
-    assert "ckpt: no such file" in line
+    line = _user_error(*_timed("evaluate.py", "task=encoder", f"transmitter={tmp_path / 'e.pt'}"), "evaluate")
+    assert "transmitter: no such file" in line
 
 
 def test_hydra_full_error_keeps_the_traceback(tmp_path):
@@ -155,3 +155,30 @@ def test_renamed_keys_name_the_new_key_in_one_line(script, old, new):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"{script[:-3]}: error: {old}= was renamed to {new}=: pass {new}=x.pt"]
+
+
+@pytest.mark.parametrize("task, new", [("encoder", "transmitter"), ("generation", "prior")])
+def test_evaluate_ckpt_names_the_new_key_of_its_task(task, new):
+    # ckpt= was the encoder's transmitter and the generation task's prior; each task now says which it is.
+    proc = run_script("evaluate.py", f"task={task}", "ckpt=x.pt", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"evaluate: error: ckpt= was renamed to {new}=: pass {new}=x.pt"]
+    proc = run_script("evaluate.py", "ckpt=x.pt", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "evaluate: error: ckpt= was renamed per task: pass task=encoder transmitter=x.pt, task=generation prior=x.pt"]
+
+
+def test_evaluate_unknown_key_is_one_line(tmp_path):
+    # A typo, or a key of the other task: one line naming it (and the nearest key), exit 2, before any model is built;
+    # a key added with + (which Hydra lets through) is refused by the task's schema the same way.
+    line = _user_error(*_timed("evaluate.py", "task=encoder", "transmitter=x.pt", "grid_sise=64"), "evaluate")
+    assert line == "evaluate: error: grid_sise= is not a setting of task=encoder; did you mean grid_size=?"
+    line = _user_error(*_timed("evaluate.py", "task=generation", "holdout=8"), "evaluate")
+    assert line.startswith("evaluate: error: holdout= is not a setting of task=generation")
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "manifest.jsonl").write_text("")
+    (tmp_path / "e.pt").write_bytes(b"")
+    line = _user_error(*_timed("evaluate.py", "task=encoder", f"transmitter={tmp_path / 'e.pt'}",
+                               f"data.root={records}", "+grid_sise=64"), "evaluate")
+    assert "unknown setting 'grid_sise'" in line

@@ -21,6 +21,7 @@ from _tiny_data import REPO, one_torch_thread, run_script, tiny_records, tiny_tr
 from shapee.conditioning.clip import TINY_CLIP_CFG
 from shapee.data.dataset import AssetDataset
 from shapee.data.toy import toy_assets
+from shapee.eval.config import register_configs
 from shapee.eval.encoder import SourceMeshes, evaluate_checkpoint, metric_keys
 from shapee.eval.generation import build_eval_clip, clip_r_precision, read_prompts, same_clip
 from shapee.eval.run import evaluate
@@ -45,6 +46,7 @@ def data(tmp_path_factory):
 
 
 def _compose(*overrides: str):
+    register_configs()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return compose(config_name="evaluate", overrides=list(overrides))
 
@@ -53,7 +55,7 @@ def _compose(*overrides: str):
 def test_script_evaluates_the_encoder_end_to_end(data, tmp_path):
     out = tmp_path / "eval"
     proc = run_script(
-        "evaluate.py", "task=encoder", f"ckpt=[{data['transmitter']},{data['transmitter']}]", "labels=[nerf,again]",
+        "evaluate.py", "task=encoder", f"transmitter=[{data['transmitter']},{data['transmitter']}]", "labels=[nerf,again]",
         f"data.root={data['records']}", f"out={out}", "max_assets=2", "views=holdout", "grid_size=32",
         "n_points=1024", "grid_views=2", "device=cpu",
     )
@@ -156,12 +158,12 @@ def test_source_meshes_are_checked_against_the_record(data):
 
 def test_encoder_evaluation_errors_are_clear(data, tmp_path):
     with pytest.raises(ValueError, match="data.root"):
-        evaluate(OmegaConf.to_container(_compose("task=encoder", f"ckpt={data['transmitter']}")))
+        evaluate(OmegaConf.to_container(_compose("task=encoder", f"transmitter={data['transmitter']}")))
     with pytest.raises(ValueError, match="task must be one of"):
-        evaluate({"task": "encoders", "ckpt": "x"})
+        evaluate({"task": "encoders", "transmitter": "x"})
     with pytest.raises(ValueError, match="labels has 1 names for 2"):
         evaluate(OmegaConf.to_container(_compose(
-            "task=encoder", f"ckpt=[{data['transmitter']},{data['transmitter']}]", "labels=[a]",
+            "task=encoder", f"transmitter=[{data['transmitter']},{data['transmitter']}]", "labels=[a]",
             f"data.root={data['records']}", "out=null")))
 
 
@@ -189,7 +191,7 @@ def test_trainer_and_evaluate_py_give_the_same_numbers(data, tmp_path):
     assert final["eval/n_assets"] == 2
 
     results = evaluate(OmegaConf.to_container(_compose(
-        "task=encoder", f"ckpt={run_dir / 'checkpoints' / 'snapshot.pt'}", f"data.root={data['records']}",
+        "task=encoder", f"transmitter={run_dir / 'checkpoints' / 'snapshot.pt'}", f"data.root={data['records']}",
         "max_assets=2", "grid_size=32", "n_points=2048", "out=null", "device=cpu")))
     row = results["rows"][0]
     assert row["views"] == "holdout" and row["n_assets"] == 2  # auto: the 2 held-out target views of the tiny model
@@ -245,7 +247,7 @@ def eval_clip_file(tmp_path_factory):
 
 
 def _generation_cfg(prior, decoder, prompts, out, eval_clip, *extra: str) -> dict:
-    cfg = _compose("task=generation", f"ckpt={prior}", f"transmitter={decoder}", f"prompts={prompts}", f"out={out}",
+    cfg = _compose("task=generation", f"prior={prior}", f"transmitter={decoder}", f"prompts={prompts}", f"out={out}",
                    "steps=2", "render_views=2", "render_resolution=32", "grid_size=16", "n_per_prompt=2",
                    "batch_prompts=2", "device=cpu", *extra)
     cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -258,7 +260,7 @@ def test_generation_evaluation_end_to_end(data, prior, eval_clip_file, tmp_path)
     prompts.write_text("# evaluation prompts\n" + "\n".join(PROMPTS) + "\n\n")
     eval_clip = {"model_cfg": EVAL_CLIP_CFG, "pretrained": str(eval_clip_file)}
     cfg = _generation_cfg(prior, data["transmitter"], prompts, tmp_path / "gen", eval_clip)
-    overrides = [f"{k}={v}" for k, v in cfg.items() if k in ("task", "ckpt", "transmitter", "prompts", "out", "steps",
+    overrides = [f"{k}={v}" for k, v in cfg.items() if k in ("task", "prior", "transmitter", "prompts", "out", "steps",
                  "render_views", "render_resolution", "grid_size", "n_per_prompt", "batch_prompts", "device")]
     model_cfg = json.dumps(EVAL_CLIP_CFG).replace('"', "").replace(" ", "")  # Hydra's dict override grammar
     proc = run_script("evaluate.py", *overrides, f"eval_clip.model_cfg={model_cfg}", f"eval_clip.pretrained={eval_clip_file}")

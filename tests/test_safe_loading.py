@@ -304,14 +304,14 @@ def test_evaluate_script_refuses_tampered_checkpoints(legit, tmp_path):
     records = tmp_path / "records"
     records.mkdir()
     (records / "manifest.jsonl").write_text("")  # passes the script's early data.root check; the checkpoint is refused
-    proc = run_script("evaluate.py", "task=encoder", f"ckpt={path}", f"data.root={records}",
+    proc = run_script("evaluate.py", "task=encoder", f"transmitter={path}", f"data.root={records}",
                       f"out={tmp_path / 'e'}", "device=cpu", check=False)
     _assert_script_refused(proc, path, key, payload, victims)
 
     victims, payload, path, key = _script_case(legit, tmp_path / "g", "prior_ckpt", "io.open", "top")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\n")
-    proc = run_script("evaluate.py", "task=generation", f"ckpt={path}", f"prompts={prompts}",
+    proc = run_script("evaluate.py", "task=generation", f"prior={path}", f"prompts={prompts}",
                       f"transmitter={legit['transmitter']}", f"out={tmp_path / 'g'}", "device=cpu", check=False)
     _assert_script_refused(proc, path, key, payload, victims)
 

@@ -3,8 +3,8 @@ paper's Table 1 for our checkpoints.
 
 **One evaluation.** :func:`evaluate_checkpoint` is the only code that measures a transmitter: ``evaluate.py`` calls it
 through :func:`evaluate_encoder`, the training loop through :func:`shapee.train.encoder.heldout_eval_fn`, both with
-:data:`ENCODER_DEFAULTS` unless told otherwise, so the same weights on the same records give the same numbers from
-both (``tests/test_evaluate.py::test_trainer_and_evaluate_py_give_the_same_numbers``). A setting cheaper than these
+the defaults of :class:`~shapee.eval.config.EncoderEval` unless told otherwise, so the same weights on the same
+records give the same numbers from both (``tests/test_evaluate.py::test_trainer_and_evaluate_py_give_the_same_numbers``). A setting cheaper than these
 defaults (the training-time mesh grid) is named in the logged key by :func:`metric_keys` (``eval/stf_psnr@32``).
 
 For each transmitter checkpoint (one row per stage: nerf, distill, finetune, or a released ``transmitter.pt``) and
@@ -43,30 +43,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shapee.eval.metrics import DEFAULT_FSCORE_THRESHOLD, point_set_metrics, psnr_per_item, sample_mesh_points
+from shapee.eval.config import EncoderEval, defaults, merge_settings
+from shapee.eval.metrics import point_set_metrics, psnr_per_item, sample_mesh_points
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
 from shapee.io.loading import load_transmitter
 
-ENCODER_DEFAULTS: dict[str, Any] = dict(
-    holdout=None,  # null: every asset of data.root is held out (a separate test folder); int: AssetDataset.split
-    split_seed=0,  # seed of AssetDataset.split
-    max_assets=None,  # evaluate at most this many (the first by asset id)
-    views="auto",  # auto: holdout if the model holds views out, else all | all | holdout (the last model.holdout_views)
-    resolution=None,  # null: the records' resolution; else render smaller, targets area-averaged to it
-    grid_size=128,  # SDF grid of the mesh (128³ as released); None: the model's stf_grid_size
-    n_points=16384,  # surface samples per mesh for Chamfer / F-score
-    fscore_threshold=DEFAULT_FSCORE_THRESHOLD,  # world units
-    psnr_cap=100.0,  # dB; identical images would be +inf
-    batch_size=1,  # assets per encoder / render call
-    toy_seed=0,  # world seed of toy records (source "toy:<id>"), verified against the content hash
-    grid_assets=4,  # assets in each image grid
-    grid_views=4,  # views per asset in each image grid
-    stf=True,  # the mesh: STF PSNR, Chamfer, F-score (False: NeRF only)
-    geometry=True,  # Chamfer / F-score against the source meshes (False: no source meshes needed)
-    seed=0,
-    device="auto",
-    labels=None,  # row names, one per checkpoint (default: the checkpoint's stage and file name)
-)
+# EncoderEval's defaults as a dict (a view of the dataclass, not a second copy), for the trainer's evaluation.
+ENCODER_DEFAULTS: dict[str, Any] = defaults(EncoderEval)
 # The settings of evaluate_checkpoint (the rest of ENCODER_DEFAULTS selects checkpoints, assets and the device).
 CHECKPOINT_SETTINGS = (
     "views", "resolution", "grid_size", "n_points", "fscore_threshold", "psnr_cap", "batch_size", "seed", "stf",
@@ -169,7 +152,7 @@ IMAGE_METRICS = ("nerf_psnr", "nerf_psnr_pooled", "nerf_transmittance_l1", "stf_
 
 def metric_keys(row: Mapping[str, Any], *, grid_size: int, resolution: int | None) -> dict[str, float]:
     """The scalar means of an :func:`evaluate_checkpoint` row under names that carry any setting cheaper than
-    ``evaluate.py``'s defaults (:data:`ENCODER_DEFAULTS`), so a cheap in-training number is never read as the full one:
+    ``evaluate.py``'s defaults (:class:`~shapee.eval.config.EncoderEval`), so a cheap in-training number is never read as the full one:
     a mesh grid other than 128³ adds ``@<grid>`` to the mesh metrics (``stf_psnr@32``), a render resolution below the
     records' adds ``@<R>px`` to the image metrics. ``n_assets`` and the views' resolution are reported as they are."""
     out: dict[str, float] = {}
@@ -178,7 +161,7 @@ def metric_keys(row: Mapping[str, Any], *, grid_size: int, resolution: int | Non
         if name not in row:
             continue
         key = name
-        if name in MESH_METRICS and grid_size != ENCODER_DEFAULTS["grid_size"]:
+        if name in MESH_METRICS and grid_size != EncoderEval.grid_size:
             key += f"@{grid_size}"
         if name in IMAGE_METRICS and resolution is not None:
             key += f"@{resolution}px"
@@ -191,19 +174,19 @@ def evaluate_checkpoint(
     model,
     dataset,
     *,
-    views: str = ENCODER_DEFAULTS["views"],
-    resolution: int | None = ENCODER_DEFAULTS["resolution"],
-    grid_size: int | None = ENCODER_DEFAULTS["grid_size"],
-    n_points: int = ENCODER_DEFAULTS["n_points"],
-    fscore_threshold: float = ENCODER_DEFAULTS["fscore_threshold"],
-    psnr_cap: float | None = ENCODER_DEFAULTS["psnr_cap"],
-    batch_size: int = ENCODER_DEFAULTS["batch_size"],
-    seed: int = ENCODER_DEFAULTS["seed"],
-    stf: bool = ENCODER_DEFAULTS["stf"],
-    geometry: bool = ENCODER_DEFAULTS["geometry"],
+    views: str = EncoderEval.views,
+    resolution: int | None = EncoderEval.resolution,
+    grid_size: int | None = EncoderEval.grid_size,
+    n_points: int = EncoderEval.n_points,
+    fscore_threshold: float = EncoderEval.fscore_threshold,
+    psnr_cap: float | None = EncoderEval.psnr_cap,
+    batch_size: int = EncoderEval.batch_size,
+    seed: int = EncoderEval.seed,
+    stf: bool = EncoderEval.stf,
+    geometry: bool = EncoderEval.geometry,
     sources: SourceMeshes | None = None,
-    grid_assets: int = ENCODER_DEFAULTS["grid_assets"],
-    grid_views: int = ENCODER_DEFAULTS["grid_views"],
+    grid_assets: int = EncoderEval.grid_assets,
+    grid_views: int = EncoderEval.grid_views,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Metrics of one :class:`~shapee.models.Transmitter` on every asset of ``dataset`` (an ``AssetDataset`` with
     targets): the one evaluation behind ``evaluate.py task=encoder`` and the encoder trainer's ``eval/*`` numbers.
@@ -212,7 +195,7 @@ def evaluate_checkpoint(
     ``stf_psnr``, ``chamfer``, ``f_score``, ``n_empty_meshes``), ``n_assets``, ``views`` (resolved), ``grid_size``
     and the per-asset values; and a uint8 image grid ``[A·rows·R, V·R, 3]`` (per asset: target, NeRF and, with
     ``stf``, STF rows). ``grid_size=None``: the model's ``stf_grid_size``. ``geometry=False`` skips Chamfer / F-score
-    (they need the source meshes). Settings as in :data:`ENCODER_DEFAULTS`.
+    (they need the source meshes). Settings and defaults: :class:`~shapee.eval.config.EncoderEval`.
     """
     from shapee.data.dataset import collate_assets
     from shapee.models.transmitter import batch_cameras
@@ -317,39 +300,35 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _checkpoints(ckpt) -> list[str]:
-    if ckpt is None or ckpt == "???":
-        raise ValueError("ckpt=<transmitter snapshot or checkpoint> is required (a list gives one row per checkpoint)")
-    paths = [str(ckpt)] if isinstance(ckpt, (str, Path)) else [str(c) for c in ckpt]
+def _checkpoints(transmitter) -> list[str]:
+    paths = [str(transmitter)] if isinstance(transmitter, (str, Path)) else [str(c) for c in transmitter]
     if not paths:
-        raise ValueError("ckpt is an empty list")
+        raise ValueError("transmitter is an empty list: give a transmitter snapshot or a list of them")
     return paths
 
 
 def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Table 1 for the checkpoints ``cfg["ckpt"]`` (one path or a list) on the records ``cfg["data"]["root"]``.
+    """Table 1 for the transmitter checkpoints ``cfg["transmitter"]`` (one path or a list) on the records
+    ``cfg["data"]["root"]``.
 
-    Other keys: :data:`ENCODER_DEFAULTS` (documented in ``configs/evaluate.yaml``), and ``out`` (a folder for
-    ``results.json``, ``results.md`` and ``grids/*.png``; None writes nothing). Returns ``{"task", "settings",
-    "rows", "markdown"}``; each row has the means, ``n_assets``, ``n_empty_meshes`` and the per-asset values.
+    Keys: the fields of :class:`~shapee.eval.config.EncoderEval`, which holds their defaults and meanings (``out``: a
+    folder for ``results.json``, ``results.md`` and ``grids/*.png``; None writes nothing); an unknown key is a
+    ``ValueError`` naming it. Returns ``{"task", "settings", "rows", "markdown"}``; each row has the means,
+    ``n_assets``, ``n_empty_meshes`` and the per-asset values.
     """
     from shapee.data.dataset import AssetDataset
 
-    cfg = dict(cfg)
-    unknown = sorted(set(cfg) - set(ENCODER_DEFAULTS) - {"ckpt", "data", "out", "task"})
-    if unknown:
-        raise ValueError(f"evaluate_encoder: unknown settings {unknown}; known: {sorted(ENCODER_DEFAULTS)}")
-    s = {**ENCODER_DEFAULTS, **{k: v for k, v in cfg.items() if k in ENCODER_DEFAULTS}}
-    root = (cfg.get("data") or {}).get("root")
+    s = merge_settings(EncoderEval, cfg)
+    root = s.data.root
     if not root:
         raise ValueError("data.root=<records folder> is required for task=encoder")
-    paths = _checkpoints(cfg.get("ckpt"))
-    labels = s["labels"]
+    paths = _checkpoints(s.transmitter)
+    labels = s.labels
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"labels has {len(labels)} names for {len(paths)} checkpoints")
-    device = pick_device(s["device"])
-    sources = SourceMeshes(int(s["toy_seed"]))
-    out = Path(cfg["out"]) if cfg.get("out") else None
+    device = pick_device(s.device)
+    sources = SourceMeshes(int(s.toy_seed))
+    out = Path(s.out) if s.out else None
 
     rows, resolution = [], None
     for i, path in enumerate(paths):
@@ -357,17 +336,17 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
         encoder = model.encoder
         read = dict(load_targets=True, load_sdf=False, n_points=encoder.n_points, n_views=encoder.n_views)
         dataset = AssetDataset(root, **read)
-        if s["holdout"]:
-            _, dataset = dataset.split(int(s["holdout"]), seed=int(s["split_seed"]))
-        if s["max_assets"] is not None and s["max_assets"] < len(dataset):
-            dataset = AssetDataset(root, asset_ids=dataset.asset_ids[: int(s["max_assets"])], **read)
+        if s.holdout:
+            _, dataset = dataset.split(int(s.holdout), seed=int(s.split_seed))
+        if s.max_assets is not None and s.max_assets < len(dataset):
+            dataset = AssetDataset(root, asset_ids=dataset.asset_ids[: int(s.max_assets)], **read)
         row, grid = evaluate_checkpoint(
-            model, dataset, views=s["views"], resolution=s["resolution"], grid_size=s["grid_size"],
-            n_points=int(s["n_points"]), fscore_threshold=float(s["fscore_threshold"]), psnr_cap=s["psnr_cap"],
-            batch_size=int(s["batch_size"]), seed=int(s["seed"]), stf=bool(s["stf"]), geometry=bool(s["geometry"]),
-            sources=sources, grid_assets=int(s["grid_assets"]), grid_views=int(s["grid_views"]),
+            model, dataset, views=s.views, resolution=s.resolution, grid_size=s.grid_size,
+            n_points=int(s.n_points), fscore_threshold=float(s.fscore_threshold), psnr_cap=s.psnr_cap,
+            batch_size=int(s.batch_size), seed=int(s.seed), stf=bool(s.stf), geometry=bool(s.geometry),
+            sources=sources, grid_assets=int(s.grid_assets), grid_views=int(s.grid_views),
         )
-        resolution = s["resolution"] or int(dataset[0]["target_rgb"].shape[1])
+        resolution = s.resolution or int(dataset[0]["target_rgb"].shape[1])
         label = labels[i] if labels is not None else _default_label(path, model)
         row = {"label": label, "ckpt": str(path), "resolution": resolution, **row}
         if out is not None and grid is not None:
@@ -377,24 +356,24 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     settings = {
         "data_root": str(root),
-        "views": s["views"] if s["views"] != "auto" else "auto (holdout when the model holds views out, else all)",
+        "views": s.views if s.views != "auto" else "auto (holdout when the model holds views out, else all)",
         "views_per_row": [r["views"] for r in rows],
         "cameras": "the records' fixed target cameras",
-        "batch_size": int(s["batch_size"]),
+        "batch_size": int(s.batch_size),
         "nerf_sampling": "deterministic (stratified midpoints + deterministic importance sampling)",
         "background": "black",
         "colour_space": "sRGB in [0, 1]",
-        "psnr": f"per asset over all pixels of its evaluated views, mean over assets; capped at {s['psnr_cap']} dB",
+        "psnr": f"per asset over all pixels of its evaluated views, mean over assets; capped at {s.psnr_cap} dB",
         "mesh": f"SDF grid {'/'.join(sorted({str(r['grid_size']) for r in rows}))}³ → Marching Cubes 33 (level 0)",
         "chamfer": "Chamfer-L1: ½(mean NN distance both ways), world units of the normalised frame [-1, 1]³",
-        "fscore_threshold": float(s["fscore_threshold"]),
-        "n_points": int(s["n_points"]),
-        "seed": int(s["seed"]),
+        "fscore_threshold": float(s.fscore_threshold),
+        "n_points": int(s.n_points),
+        "seed": int(s.seed),
         "device": str(device),
     }
     table = markdown_table(
         ["stage / checkpoint", "NeRF PSNR (dB)", "STF PSNR (dB)", "Chamfer-L1 (×10⁻³)",
-         f"F-score@{s['fscore_threshold']:g}", "assets", "empty meshes", "resolution"],
+         f"F-score@{s.fscore_threshold:g}", "assets", "empty meshes", "resolution"],
         [[r["label"], _fmt(r["nerf_psnr"]), _fmt(r.get("stf_psnr", math.nan)), _fmt(r.get("chamfer", math.nan) * 1e3),
           _fmt(r.get("f_score", math.nan), 3), r["n_assets"], r.get("n_empty_meshes", "n/a"), f"{r['resolution']}²"]
          for r in rows],
@@ -404,11 +383,11 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
         f"records' fixed cameras, rendered at {resolution}², black background, sRGB in [0, 1]. NeRF: deterministic "
         f"sampling. STF: mesh from a {'/'.join(sorted({str(r['grid_size']) for r in rows}))}³ SDF grid (MC33), "
         "PyTorch3D with the dataset lighting.",
-        f"PSNR per asset over all its evaluated pixels, mean over assets, capped at {s['psnr_cap']} dB.",
-        f"Chamfer-L1 and F-score: {s['n_points']} area-uniform surface samples on the extracted mesh and on the source "
-        f"mesh, normalised world frame [-1, 1]³ (box side 2); F-score threshold τ = {s['fscore_threshold']:g} "
-        f"({100 * float(s['fscore_threshold']) / 2:g} % of the box side). Empty meshes: no Chamfer, F-score 0."
-        if s["stf"] and s["geometry"] else "Chamfer-L1 and F-score: not measured (stf=false or geometry=false).",
+        f"PSNR per asset over all its evaluated pixels, mean over assets, capped at {s.psnr_cap} dB.",
+        f"Chamfer-L1 and F-score: {s.n_points} area-uniform surface samples on the extracted mesh and on the source "
+        f"mesh, normalised world frame [-1, 1]³ (box side 2); F-score threshold τ = {s.fscore_threshold:g} "
+        f"({100 * float(s.fscore_threshold) / 2:g} % of the box side). Empty meshes: no Chamfer, F-score 0."
+        if s.stf and s.geometry else "Chamfer-L1 and F-score: not measured (stf=false or geometry=false).",
     ]
     markdown = "## Encoder evaluation (Table 1)\n\n" + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     results = {"task": "encoder", "settings": settings, "rows": rows, "markdown": markdown}

@@ -24,6 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shapee.eval.config import EvalClipConfig, GenerationEval, merge_settings
 from shapee.eval.metrics import retrieval_ranks
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
 from shapee.io.loading import load_transmitter
-
-GENERATION_DEFAULTS: dict[str, Any] = dict(
-    transmitter=None,  # transmitter snapshot / released transmitter.pt that decodes the prior's latents
-    n_per_prompt=1,  # samples per prompt
-    batch_prompts=8,  # prompts per sampling call
-    guidance_scale=None,  # null: the prior's (15 for text as released)
-    steps=64,  # sampler steps
-    sampler="karras",
-    head="stf",  # stf (mesh render) | nerf
-    views=20,  # turntable cameras per sample
-    elevation_deg=30.0,  # camera elevation above the horizon
-    resolution=128,  # render size (square)
-    fov=0.7,  # radians (the notebooks' pan cameras)
-    grid_size=128,  # SDF grid of STF renders
-    eval_clip=None,  # {model_name, pretrained, model_cfg, dtype}: the evaluation CLIP (see DEFAULT_EVAL_CLIP)
-    allow_same_clip=False,  # evaluate with the conditioning CLIP anyway (warned, marked in the results)
-    warmup=True,  # one untimed 2-step sample + render before timing
-    grid_views=8,  # views per prompt in the image grid
-    seed=0,
-    device="auto",
-)
-# ViT-B/32 (OpenAI weights): an evaluation CLIP that differs from the released priors' ViT-L/14 conditioning.
-DEFAULT_EVAL_CLIP = dict(model_name="ViT-B-32", pretrained="openai", model_cfg=None, dtype="auto")
-
 
 def read_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
     """The prompt set: a ``.txt`` file (one prompt per line; blank lines and ``#`` comments skipped), a ``.json`` list,
@@ -110,17 +88,14 @@ def same_clip(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def build_eval_clip(eval_clip: Mapping[str, Any] | None, device: torch.device, seed: int = 0):
     """The evaluation :class:`~shapee.conditioning.FrozenCLIP`: any open_clip name + pretrained tag or local file, or
-    an explicit ``model_cfg`` (random weights unless ``pretrained`` is a file); built under a forked, seeded RNG."""
+    an explicit ``model_cfg`` (random weights unless ``pretrained`` is a file); built under a forked, seeded RNG.
+    ``eval_clip``: the fields of :class:`~shapee.eval.config.EvalClipConfig` (its defaults for the ones not given)."""
     from shapee.models.latent_diffusion import build_frozen_clip
 
-    kwargs = {**DEFAULT_EVAL_CLIP, **dict(eval_clip or {})}
-    unknown = sorted(set(kwargs) - {"model_name", "pretrained", "model_cfg", "dtype", "cache_dir"})
-    if unknown:
-        raise ValueError(
-            f"eval_clip: unknown keys {unknown}; expected model_name, pretrained, model_cfg, dtype, cache_dir"
-        )
-    if kwargs["model_cfg"] is None:
-        kwargs.pop("model_cfg")
+    kwargs = asdict(merge_settings(EvalClipConfig, eval_clip))  # defaults filled in, an unknown key refused
+    for key in ("model_cfg", "cache_dir"):
+        if kwargs[key] is None:
+            kwargs.pop(key)
     return build_frozen_clip(kwargs, seed=seed, device=device), kwargs
 
 
@@ -160,53 +135,48 @@ def _render(decoder, latents: Tensor, cameras, renderer: str, grid_size: int) ->
 
 @torch.no_grad()
 def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """CLIP R-Precision and time per sample of the text prior ``cfg["ckpt"]`` on the prompt set ``cfg["prompts"]``.
+    """CLIP R-Precision and time per sample of the text prior ``cfg["prior"]`` on the prompt set ``cfg["prompts"]``,
+    its latents decoded by ``cfg["transmitter"]``.
 
-    Other keys: :data:`GENERATION_DEFAULTS` (documented in ``configs/evaluate.yaml``) and ``out`` (folder for
-    ``results.json``, ``results.md``, ``grids/generation.png``; None writes nothing). Returns ``{"task", "settings",
-    "rows", "markdown"}`` with one row (the checkpoint) holding ``r_precision``, ``r_precision_view_mean``,
-    ``sample_seconds_per_sample``, ``render_seconds_per_sample`` and the per-prompt retrieval ranks.
+    Keys: the fields of :class:`~shapee.eval.config.GenerationEval`, which holds their defaults and meanings (``out``:
+    a folder for ``results.json``, ``results.md``, ``grids/generation.png``; None writes nothing); an unknown key is a
+    ``ValueError`` naming it. Returns ``{"task", "settings", "rows", "markdown"}`` with one row (the prior) holding
+    ``r_precision``, ``r_precision_view_mean``, ``sample_seconds_per_sample``, ``render_seconds_per_sample`` and the
+    per-prompt retrieval ranks.
     """
     import shapee.io
     from shapee.cameras import orbit_cameras
     from shapee.models.latent_diffusion import LatentDiffusion
 
-    cfg = dict(cfg)
-    unknown = sorted(set(cfg) - set(GENERATION_DEFAULTS) - {"ckpt", "prompts", "out", "task"})
-    if unknown:
-        raise ValueError(f"evaluate_generation: unknown settings {unknown}; known: {sorted(GENERATION_DEFAULTS)}")
-    s = {**GENERATION_DEFAULTS, **{k: v for k, v in cfg.items() if k in GENERATION_DEFAULTS}}
-    if not cfg.get("ckpt") or cfg["ckpt"] == "???":
-        raise ValueError("ckpt=<text prior snapshot> is required for task=generation")
-    if not cfg.get("prompts") or cfg["prompts"] == "???":
-        raise ValueError("prompts=<file with one prompt per line> is required for task=generation")
-    if not s["transmitter"]:
-        raise ValueError("transmitter=<transmitter snapshot or transmitter.pt> is required to render the prior's latents")
-    if s["head"] not in ("stf", "nerf"):
-        raise ValueError(f"head must be 'stf' or 'nerf', got {s['head']!r}")
-    for key in ("n_per_prompt", "batch_prompts", "views", "resolution", "steps"):
-        if int(s[key]) < 1:
-            raise ValueError(f"{key} must be >= 1, got {s[key]}")
-    prompts = read_prompts(cfg["prompts"])
-    device = pick_device(s["device"])
+    s = merge_settings(GenerationEval, cfg)
+    for key in ("prior", "transmitter", "prompts"):
+        if not getattr(s, key):
+            raise ValueError(f"{key}=<...> is required for task=generation")
+    if s.head not in ("stf", "nerf"):
+        raise ValueError(f"head must be 'stf' or 'nerf', got {s.head!r}")
+    for key in ("n_per_prompt", "batch_prompts", "render_views", "render_resolution", "steps"):
+        if int(getattr(s, key)) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(s, key)}")
+    prompts = read_prompts(s.prompts)
+    device = pick_device(s.device)
 
-    prior = shapee.io.load(cfg["ckpt"], device=device)
+    prior = shapee.io.load(s.prior, device=device)
     if not isinstance(prior, LatentDiffusion) or prior.cond_mode != "text":
-        raise ValueError(f"ckpt={cfg['ckpt']!r} is not a text-conditional shapee.models.LatentDiffusion snapshot")
-    decoder = load_transmitter(s["transmitter"], device=device)
+        raise ValueError(f"prior={s.prior!r} is not a text-conditional shapee.models.LatentDiffusion snapshot")
+    decoder = load_transmitter(s.transmitter, device=device)
     have = (decoder.encoder.latent_ctx, decoder.encoder.d_latent)
     if have != tuple(prior.latent_shape):
         raise ValueError(
-            f"transmitter={s['transmitter']!r} decodes latents {list(have)}, the prior makes {list(prior.latent_shape)}"
+            f"transmitter={s.transmitter!r} decodes latents {list(have)}, the prior makes {list(prior.latent_shape)}"
         )
 
-    clip, clip_kwargs = build_eval_clip(s["eval_clip"], device, seed=int(s["seed"]) + 1)
+    clip, clip_kwargs = build_eval_clip(s.eval_clip, device, seed=int(s.seed) + 1)
     if clip_kwargs.get("pretrained") is None:
         warnings.warn("the evaluation CLIP has random weights (eval_clip.pretrained=null): R-Precision is only a "
                       "pipeline check, not a quality measure", stacklevel=2)
     conditioning_clip = dict(prior._clip.kwargs)
     same = same_clip(clip_kwargs, conditioning_clip)
-    if same and not s["allow_same_clip"]:
+    if same and not s.allow_same_clip:
         raise ValueError(
             f"the evaluation CLIP {clip_kwargs.get('model_name')!r} ({clip_kwargs.get('pretrained')!r}) is the prior's "
             "conditioning CLIP: R-Precision with it is not comparable; pick another eval_clip (e.g. ViT-B-32 when the "
@@ -218,30 +188,30 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "overstate quality and are not comparable to the literature !!!", stacklevel=2,
         )
 
-    cameras = orbit_cameras(int(s["views"]), elevation=math.radians(float(s["elevation_deg"])), fov=float(s["fov"]),
-                            resolution=int(s["resolution"]), device=device)
-    n, V = int(s["n_per_prompt"]), int(s["views"])
-    generator = torch.Generator(device).manual_seed(int(s["seed"]))
-    if s["warmup"]:  # kernels, CLIP build and allocator warm-up stay out of the timings
-        warm = prior.sample(prompts=prompts[:1], n=1, steps=2, sampler=s["sampler"], guidance_scale=s["guidance_scale"],
+    cameras = orbit_cameras(int(s.render_views), elevation=math.radians(float(s.elevation_deg)), fov=float(s.fov),
+                            resolution=int(s.render_resolution), device=device)
+    n, V = int(s.n_per_prompt), int(s.render_views)
+    generator = torch.Generator(device).manual_seed(int(s.seed))
+    if s.warmup:  # kernels, CLIP build and allocator warm-up stay out of the timings
+        warm = prior.sample(prompts=prompts[:1], n=1, steps=2, sampler=s.sampler, guidance_scale=s.guidance_scale,
                             generator=torch.Generator(device).manual_seed(0))
-        _render(decoder, warm, cameras[:1], s["head"], int(s["grid_size"]))
+        _render(decoder, warm, cameras[:1], s.head, int(s.grid_size))
     else:
         prior.clip  # noqa: B018  build the conditioning CLIP outside the timed region
 
     renders, sample_s, render_s = [], 0.0, 0.0
     from shapee.cli import progress_bar
 
-    for first in progress_bar(range(0, len(prompts), int(s["batch_prompts"])), desc="evaluate generation",
+    for first in progress_bar(range(0, len(prompts), int(s.batch_prompts)), desc="evaluate generation",
                               unit="batch", leave=False):
-        chunk = prompts[first : first + int(s["batch_prompts"])]
+        chunk = prompts[first : first + int(s.batch_prompts)]
         _sync(device)
         t0 = time.perf_counter()
-        latents = prior.sample(prompts=chunk, n=n, guidance_scale=s["guidance_scale"], steps=int(s["steps"]),
-                               sampler=s["sampler"], generator=generator)  # [p·n, n_ctx, d]
+        latents = prior.sample(prompts=chunk, n=n, guidance_scale=s.guidance_scale, steps=int(s.steps),
+                               sampler=s.sampler, generator=generator)  # [p·n, n_ctx, d]
         _sync(device)
         t1 = time.perf_counter()
-        images = _render(decoder, latents, cameras, s["head"], int(s["grid_size"]))  # [p·n, V, R, R, 3]
+        images = _render(decoder, latents, cameras, s.head, int(s.grid_size))  # [p·n, V, R, R, 3]
         _sync(device)
         sample_s, render_s = sample_s + t1 - t0, render_s + time.perf_counter() - t1
         renders.append(images.cpu())
@@ -256,8 +226,8 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
         for p, r in zip(prompts, ranks)
     ]
     row = {
-        "label": Path(str(cfg["ckpt"])).name,
-        "ckpt": str(cfg["ckpt"]),
+        "label": Path(str(s.prior)).name,
+        "ckpt": str(s.prior),
         "r_precision": retrieval["r_precision"],
         "r_precision_view_mean": retrieval.get("r_precision_view_mean", retrieval["r_precision"]),
         "n_prompts": len(prompts),
@@ -271,22 +241,22 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
     clip_name = clip_kwargs.get("model_name") if "model_cfg" not in clip_kwargs else "custom architecture"
     settings = {
-        "prompts": str(cfg["prompts"]) if isinstance(cfg["prompts"], (str, os.PathLike)) else "inline list",
+        "prompts": str(s.prompts) if isinstance(s.prompts, (str, os.PathLike)) else "inline list",
         "n_prompts": len(prompts),
         "n_per_prompt": n,
         "eval_clip": {"model": clip_name, "pretrained": clip_kwargs.get("pretrained"),
                       "model_cfg": clip_kwargs.get("model_cfg")},
         "conditioning_clip": {k: conditioning_clip.get(k) for k in ("model_name", "pretrained", "model_cfg")},
-        "head": s["head"],
-        "cameras": f"{V} turntable views at elevation {float(s['elevation_deg']):g}°, distance 4, "
-        f"fov {float(s['fov']):g} rad",
-        "resolution": int(s["resolution"]),
+        "head": s.head,
+        "cameras": f"{V} turntable views at elevation {float(s.elevation_deg):g}°, distance 4, "
+        f"fov {float(s.fov):g} rad",
+        "resolution": int(s.render_resolution),
         "background": "black",
-        "sampler": {"name": s["sampler"], "steps": int(s["steps"]),
-                    "guidance_scale": prior.guidance_scale if s["guidance_scale"] is None else s["guidance_scale"]},
-        "seed": int(s["seed"]),
+        "sampler": {"name": s.sampler, "steps": int(s.steps),
+                    "guidance_scale": prior.guidance_scale if s.guidance_scale is None else s.guidance_scale},
+        "seed": int(s.seed),
         "device": str(device),
-        "timing": "wall clock, CUDA-synchronised, " + ("after an untimed warm-up" if s["warmup"] else "no warm-up"),
+        "timing": "wall clock, CUDA-synchronised, " + ("after an untimed warm-up" if s.warmup else "no warm-up"),
     }
     table = markdown_table(
         ["prior", "CLIP R-Precision", "R-Precision (view-mean)", "prompts", "samples/prompt", "s/sample (prior)",
@@ -298,17 +268,17 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     notes = [
         f"Prompt set: {settings['prompts']} ({len(prompts)} prompts); each render retrieves among all of them; ties "
         "count as misses.",
-        f"Renders: {s['head'].upper()}, {settings['cameras']}, {int(s['resolution'])}², black background, sRGB.",
-        f"Sampler: {s['sampler']}, {int(s['steps'])} steps, guidance {settings['sampler']['guidance_scale']}; "
+        f"Renders: {s.head.upper()}, {settings['cameras']}, {int(s.render_resolution)}², black background, sRGB.",
+        f"Sampler: {s.sampler}, {int(s.steps)} steps, guidance {settings['sampler']['guidance_scale']}; "
         f"device {device}; {settings['timing']}.",
     ]
     if same:
         notes.insert(0, "**WARNING: evaluated with the prior's own conditioning CLIP (allow_same_clip=true).**")
     markdown = "## Generation evaluation (CLIP R-Precision)\n\n" + table + "\n\n"
     markdown += "\n".join(f"- {x}" for x in notes) + "\n"
-    out = Path(cfg["out"]) if cfg.get("out") else None
+    out = Path(s.out) if s.out else None
     if out is not None:
-        k = min(int(s["grid_views"]), V)
+        k = min(int(s.grid_views), V)
         first_sample = renders[::n, :k]  # [P, k, R, R, 3]: each prompt's first sample
         grid = first_sample.permute(0, 2, 1, 3, 4).flatten(2, 3).flatten(0, 1)  # [P·R, k·R, 3]
         grid = (grid.numpy() * 255).round().astype(np.uint8)

@@ -26,7 +26,9 @@ import math
 import torch
 from torch import Tensor
 
-DEFAULT_FSCORE_THRESHOLD = 0.02  # world units: 1 % of the [-1, 1]³ box side
+from shapee.eval.config import EncoderEval
+
+DEFAULT_FSCORE_THRESHOLD = EncoderEval.fscore_threshold  # world units: 1 % of the [-1, 1]³ box side
 
 
 # -------------------------------------------------------------------------------------------------------- PSNR
