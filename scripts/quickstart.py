@@ -36,6 +36,9 @@ from shapee.cli import user_errors  # noqa: E402  (light: no torch)
 def _compose(config_name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
+    from shapee.settings import register_sample_config
+
+    register_sample_config()  # configs/sample.yaml extends shapee.settings.SampleConfig
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from shapee.cli import UserError, is_diffusers_folder, refuse_renamed_keys, progress_enabled, require_weights, user_errors
+from shapee.cli import (
+    UserError, check_overrides, is_diffusers_folder, progress_enabled, refuse_renamed_keys, require_weights,
+    user_errors,
+)
+from shapee.settings import register_sample_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -44,6 +50,13 @@ def check_inputs(cfg: DictConfig) -> None:
                 raise UserError(f"image={str(path)!r}: no such file; pass image=<image file>")
 
 
+@user_errors("sample")
+def check_command_line() -> None:
+    """Old keys, unknown keys and wrong types as one line (exit 2), before Hydra runs."""
+    refuse_renamed_keys("sample")
+    check_overrides(CONFIGS, "sample")
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
 @user_errors("sample", "builtins.ValueError", "builtins.FileNotFoundError",
              "shapee.conditioning.clip.CLIPUnavailableError", "shapee.io.download.OfficialDownloadError")
@@ -58,5 +71,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_renamed_keys("sample")
+    register_sample_config()  # the schema configs/sample.yaml extends (shapee.settings.SampleConfig)
+    check_command_line()
     main()

@@ -232,9 +232,11 @@ def _nearest(key: str, compose: Callable, overrides: list[str], bad: str) -> str
     ratio = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
     best = max(ratio.values(), default=0.0)
     # A near-spelling (a typo) gets the one key; a looser match its two nearest (views= → grid_views=, render_views=).
-    near = [k for k in known if ratio[k] >= max(0.5, best - 0.1)] if best < 0.8 else [k for k in known if ratio[k] == best]
-    close = sorted(near, key=lambda k: -ratio[k])[:2]
-    return f"; did you mean {' or '.join(c + '=' for c in close)}?" if close else f"; known: {', '.join(k for k in known if '.' not in k)}"
+    floor = max(0.5, best - 0.1) if best < 0.8 else best
+    close = sorted((k for k in known if ratio[k] >= floor), key=lambda k: -ratio[k])[:2]
+    if close:
+        return f"; did you mean {' or '.join(c + '=' for c in close)}?"
+    return f"; known: {', '.join(k for k in known if '.' not in k)}"
 
 
 def require_key(cfg: Any, key: str, hint: str) -> Any:

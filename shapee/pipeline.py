@@ -30,7 +30,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -454,7 +454,8 @@ def _export_options(export: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Sample, decode and export assets as ``scripts/sample.py`` does (``configs/sample.yaml``).
+    """Sample, decode and export assets as ``scripts/sample.py`` does: ``cfg`` holds fields of
+    :class:`shapee.settings.SampleConfig`, which states their defaults and meanings (an unknown key: ``ValueError``).
 
     Per sample ``i`` of an input: ``<out>/<slug>_<i>.glb`` / ``.ply`` (``formats``; with ``export.texture``: a
     textured GLB, and OBJ + ``.mtl`` + ``.png``), ``<slug>_<i>.gif`` (turntable,
@@ -471,11 +472,13 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from shapee.io.gif import write_gif
     from shapee.io.mesh import MESH_FORMATS, export_mesh
 
-    cfg = dict(cfg)
-    prompts, images = _as_list(cfg.get("prompt")), _as_list(cfg.get("image"))
+    from shapee.settings import SampleConfig, merge_settings
+
+    s = merge_settings(SampleConfig, cfg)
+    prompts, images = _as_list(s.prompt), _as_list(s.image)
     if bool(prompts) == bool(images):
         raise ValueError('give exactly one of prompt="a red cube" (or a list of prompts) and image=<path>')
-    checkpoint = cfg.get("checkpoint", "ours")
+    checkpoint = s.checkpoint
     if checkpoint not in ("ours", "official"):
         from shapee.io.diffusers_format import is_diffusers_folder
 
@@ -485,16 +488,16 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 f"shap_e_renderer/), got {checkpoint!r}"
             )
         # Both models from the folder, unless one is given on its own.
-        cfg["prior"] = cfg.get("prior") or str(checkpoint)
-        cfg["transmitter"] = cfg.get("transmitter") or str(checkpoint)
-    formats = ["." + str(f).lower().lstrip(".") for f in _as_list(cfg.get("formats", ["glb", "ply"]))]
+        s.prior = s.prior or str(checkpoint)
+        s.transmitter = s.transmitter or str(checkpoint)
+    formats = ["." + str(f).lower().lstrip(".") for f in s.formats]
     unknown = [f for f in formats if f not in MESH_FORMATS]
     if unknown:
         raise ValueError(f"formats {unknown} are not mesh formats; supported: {list(MESH_FORMATS)}")
-    if cfg.get("out") in (None, ""):
+    if s.out in (None, ""):
         raise ValueError("out=<folder> is required")
-    export = _export_options(cfg.get("export"))
-    out = Path(cfg["out"])
+    export = _export_options(asdict(s.export))
+    out = Path(s.out)
     pipeline_cls = TextTo3D if prompts else ImageTo3D
     inputs = prompts if prompts else images
     if images:
@@ -503,24 +506,22 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     pipe = pipeline_cls.from_checkpoints(
-        prior=cfg.get("prior"), decoder=cfg.get("transmitter"), device=cfg.get("device", "auto"),
-        official=checkpoint == "official", cache_dir=cfg.get("cache_dir"),
+        prior=s.prior, decoder=s.transmitter, device=s.device, official=checkpoint == "official",
+        cache_dir=s.cache_dir,
     )
-    if cfg.get("clip"):
-        pipe.prior.use_clip(dict(cfg["clip"]))
+    if s.clip:
+        pipe.prior.use_clip(dict(s.clip))
     timings["load"] = time.perf_counter() - t
     generation = pipe.generate(
-        inputs, n=int(cfg.get("n", 1)), seed=int(cfg.get("seed", 0)), guidance_scale=cfg.get("guidance_scale"),
-        steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), decoder=cfg.get("head", "stf"),
-        grid_size=int(cfg.get("grid_size", 128)), render_views=int(cfg.get("render_views", 20)),
-        render_resolution=int(cfg.get("render_resolution", 64)), progress=bool(cfg.get("progress", False)),
-        cuda_graph=cfg.get("cuda_graph"), **export,
+        inputs, n=s.n, seed=s.seed, guidance_scale=s.guidance_scale, steps=s.steps, sampler=s.sampler,
+        decoder=s.head, grid_size=s.grid_size, render_views=s.render_views, render_resolution=s.render_resolution,
+        progress=bool(s.progress), cuda_graph=s.cuda_graph, **export,
     )
     timings.update(generation.timings)
 
     t = time.perf_counter()
     files, counters = [], {}
-    for s, (source, mesh) in enumerate(zip(generation.sources, generation.meshes)):
+    for k, (source, mesh) in enumerate(zip(generation.sources, generation.meshes)):
         slug = slugify(source)
         i = counters[slug] = counters.get(slug, -1) + 1  # same slug twice (repeated prompt): numbering goes on
         stem = out / f"{slug}_{i}"
@@ -529,13 +530,12 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if ".obj" in formats and getattr(mesh.visual, "kind", None) == "texture":  # the OBJ's material and texture
             entry["mesh_files"] += [str(stem.with_suffix(".mtl")), str(stem.with_suffix(".png"))]
         if generation.frames is not None:
-            entry["gif"] = str(write_gif(generation.frames[s].numpy(), stem.with_suffix(".gif"),
-                                         fps=float(cfg.get("gif_fps", 10))))
-        metadata = {"source": str(source), "seed": str(cfg.get("seed", 0)), "sample_index": str(s),
-                    "steps": str(cfg.get("steps", 64)), "guidance_scale": str(cfg.get("guidance_scale")),
-                    "checkpoint": str(checkpoint), "prior": str(cfg.get("prior")),
-                    "transmitter": str(cfg.get("transmitter"))}
-        entry["latent"] = str(_atomic_save_latent(generation.latents[s], out / f"{slug}_{i}_latent.safetensors",
+            entry["gif"] = str(write_gif(generation.frames[k].numpy(), stem.with_suffix(".gif"),
+                                         fps=s.gif_fps))
+        metadata = {"source": str(source), "seed": str(s.seed), "sample_index": str(k), "steps": str(s.steps),
+                    "guidance_scale": str(s.guidance_scale), "checkpoint": str(checkpoint), "prior": str(s.prior),
+                    "transmitter": str(s.transmitter)}
+        entry["latent"] = str(_atomic_save_latent(generation.latents[k], out / f"{slug}_{i}_latent.safetensors",
                                                   metadata))
         files.append(entry)
     timings["export"] = time.perf_counter() - t

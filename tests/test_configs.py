@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from shapee.cli import UserError, check_overrides
 from shapee.eval.config import TASKS, defaults, merge_settings, register_configs
+from shapee.settings import register_sample_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -33,7 +34,8 @@ def _options(group: str) -> list[str]:
 
 
 def _compose(name: str, overrides: list[str]):
-    register_configs()  # the structured configs (shapee/eval/config.py) that configs/task/*.yaml extend
+    register_configs()  # the structured configs that configs/task/*.yaml (shapee/eval/config.py) and
+    register_sample_config()  # configs/sample.yaml (shapee/settings.py) extend
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides)
     OmegaConf.resolve(cfg)  # every interpolation must resolve too
@@ -128,7 +130,8 @@ def test_evaluate_library_defaults_are_the_dataclass():
     from shapee.eval.metrics import DEFAULT_FSCORE_THRESHOLD
 
     signature = inspect.signature(evaluate_checkpoint).parameters
-    assert {k: signature[k].default for k in CHECKPOINT_SETTINGS} == {k: getattr(EncoderEval, k) for k in CHECKPOINT_SETTINGS}
+    assert {k: signature[k].default for k in CHECKPOINT_SETTINGS} == {k: getattr(EncoderEval, k)
+                                                                        for k in CHECKPOINT_SETTINGS}
     assert ENCODER_DEFAULTS == defaults(EncoderEval) and DEFAULT_FSCORE_THRESHOLD == EncoderEval.fscore_threshold
 
 
@@ -136,7 +139,7 @@ def test_evaluate_library_defaults_are_the_dataclass():
     (["task=encoder", "max_asets=2"], "max_asets= is not a setting of task=encoder; did you mean max_assets=?"),
     (["task=encoder", "data.rot=x"], "data.rot= is not a setting of task=encoder; did you mean data.root=?"),
     (["task=generation", "views=holdout"], "views= is not a setting of task=generation; did you mean"),
-    (["task=encoder", "max_assets=many"], "max_assets=many: Value 'many' of type 'str' could not be converted to Integer"),
+    (["task=encoder", "max_assets=many"], "max_assets=many: Value 'many' of type 'str' could not be converted"),
     (["max_assets=2"], "task is not set: pass task=encoder|generation"),
     (["task=encoders"], "task=encoders: no such option; pass task=encoder|generation"),
 ])
@@ -157,3 +160,19 @@ def test_evaluate_functions_refuse_unknown_settings():
         evaluate({"task": "generation", "ckpt": "p.pt", "transmitter": "t.pt", "prompts": ["a", "b"]})
     with pytest.raises(ValueError, match="prior=<...> is required for task=generation"):
         evaluate({"task": "generation", "transmitter": "t.pt", "prompts": ["a", "b"]})
+
+
+def test_sample_config_is_the_dataclass_and_shares_the_sampling_defaults():
+    from shapee.eval.config import GenerationEval
+    from shapee.settings import SampleConfig, SamplingConfig
+
+    cfg = _compose("sample", [])
+    assert OmegaConf.get_type(cfg) is SampleConfig and OmegaConf.to_container(cfg) == defaults(SampleConfig)
+    # sample_assets and evaluate.py task=generation sample and render with the same defaults, stated once
+    generation = defaults(GenerationEval)
+    shared = {k: v for k, v in defaults(SamplingConfig).items() if k != "render_resolution"}
+    assert {k: generation[k] for k in shared} == shared == {k: cfg[k] for k in shared}
+    with pytest.raises(ValueError, match="unknown setting 'stepz'"):
+        from shapee.pipeline import sample_assets
+
+        sample_assets({"prompt": "a chair", "stepz": 3})

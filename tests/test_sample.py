@@ -18,6 +18,7 @@ from _tiny_data import REPO, one_torch_thread, run_script
 from shapee.io import CheckpointError
 from shapee.io.download import OfficialDownloadError
 from shapee.pipeline import TextTo3D, format_report, sample_assets
+from shapee.settings import register_sample_config
 from test_pipeline import save_box_decoder, save_prior
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -35,6 +36,7 @@ def ckpts(tmp_path_factory):
 
 
 def sample_cfg(*overrides: str) -> dict:
+    register_sample_config()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="sample", overrides=list(overrides))
     return OmegaConf.to_container(cfg, resolve=True)

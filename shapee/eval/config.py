@@ -11,12 +11,12 @@ model is built (``scripts/evaluate.py`` composes the command line against these 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf import MISSING
+
+from shapee.settings import SamplingConfig, defaults, merge_settings, setting_names  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -42,8 +42,8 @@ class EncoderEval:
     split_seed: int = 0  # seed of AssetDataset.split
     max_assets: Optional[int] = None  # at most this many assets (the first by id)
     views: str = "auto"  # auto: holdout if the model holds views out, else all | all | holdout (never trained on)
-    resolution: Optional[int] = None  # null: the records' target resolution; else smaller renders vs area-averaged targets
-    grid_size: Optional[int] = 128  # SDF grid of the mesh (STF render, Chamfer, F-score); null: the model's stf_grid_size
+    resolution: Optional[int] = None  # null: the records' target resolution | R: R² renders vs area-averaged targets
+    grid_size: Optional[int] = 128  # SDF grid of the mesh (STF render, Chamfer, F-score); null: model.stf_grid_size
     stf: bool = True  # the mesh metrics (false: NeRF PSNR only)
     geometry: bool = True  # Chamfer / F-score against the source meshes (false: the source files are not needed)
     n_points: int = 16384  # surface samples per mesh for Chamfer / F-score
@@ -72,10 +72,11 @@ class EvalClipConfig:
 
 
 @dataclass
-class GenerationEval:
+class GenerationEval(SamplingConfig):
     """``task=generation``: CLIP R-Precision of a text prior's samples with an evaluation CLIP that is not the
-    conditioning one, and the time per sample. ``render_views`` / ``render_resolution`` / ``head`` / ``grid_size``
-    mean what they mean in ``sample.py``."""
+    conditioning one, and the time per sample. The sampling and render settings (``seed``, ``guidance_scale``,
+    ``steps``, ``sampler``, ``head``, ``grid_size``, ``render_views``, ``device``) are ``sample.py``'s
+    (:class:`shapee.settings.SamplingConfig`), with the same defaults except ``render_resolution``."""
 
     task: str = "generation"
     prior: Any = MISSING  # text prior snapshot (LatentDiffusion)
@@ -84,21 +85,13 @@ class GenerationEval:
     out: Optional[str] = "runs/eval_generation"  # results.json, results.md, grids/; null writes nothing
     n_per_prompt: int = 1  # samples per prompt
     batch_prompts: int = 8  # prompts per sampling call
-    guidance_scale: Optional[float] = None  # null: the prior's (15 text as released)
-    steps: int = 64  # sampler steps
-    sampler: str = "karras"  # karras | ddim | ancestral
-    head: str = "stf"  # stf (mesh render) | nerf
-    grid_size: int = 128  # SDF grid of STF renders
-    render_views: int = 20  # turntable cameras per sample
-    render_resolution: int = 128  # turntable render size (square)
+    render_resolution: int = 128  # turntable render size (square): CLIP sees 128² renders, not sample.py's 64² GIF
     elevation_deg: float = 30.0  # camera elevation above the horizon
     fov: float = 0.7  # radians (the notebooks' pan cameras)
     eval_clip: EvalClipConfig = field(default_factory=EvalClipConfig)
     allow_same_clip: bool = False  # true: evaluate with the conditioning CLIP anyway (loud warning, marked in results)
     warmup: bool = True  # an untimed 2-step sample + render before timing
     grid_views: int = 4  # image grid: views per prompt (each prompt's first sample)
-    seed: int = 0  # prior noise and the evaluation CLIP's build: reruns give the same numbers
-    device: str = "auto"  # auto: cuda if available, else cpu
 
 
 # task name → its settings; the names are the files of configs/task/.
@@ -113,33 +106,3 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     for name, schema in TASKS.items():
         store.store(group="evaluate_schema", name=name, node=schema)
-
-
-def defaults(schema: type) -> dict[str, Any]:
-    """The defaults of ``schema`` as a plain dict (nested dataclasses as dicts; ``???`` where a value is required)."""
-    return OmegaConf.to_container(OmegaConf.structured(schema))
-
-
-def setting_names(schema: type) -> list[str]:
-    """The top-level keys of ``schema``."""
-    return [f.name for f in fields(schema)]
-
-
-def merge_settings(schema: type, cfg: Mapping[str, Any] | DictConfig | None = None):
-    """``cfg`` merged onto ``schema`` (a dataclass of this module): defaults filled, types checked. An unknown key, a
-    wrong type or a required key left unset raises ``ValueError`` naming the key. Returns the dataclass instance
-    (nested settings as dataclasses, the values of ``Any`` fields as plain containers)."""
-    name = schema.__name__
-    if OmegaConf.is_config(cfg):  # a composed config of the same type would carry keys added with +key= through
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg or {})
-    except ConfigKeyError as e:
-        raise ValueError(f"{name}: unknown setting {e.full_key!r}; known: {', '.join(setting_names(schema))}") from None
-    except ValidationError as e:
-        raise ValueError(f"{name}: {e.full_key}: {str(e).splitlines()[0]}") from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        where = f" for task={merged.task}" if "task" in merged else ""
-        raise ValueError(f"{missing[0]}=<...> is required{where}")
-    return OmegaConf.to_object(merged)

@@ -4,8 +4,9 @@ paper's Table 1 for our checkpoints.
 **One evaluation.** :func:`evaluate_checkpoint` is the only code that measures a transmitter: ``evaluate.py`` calls it
 through :func:`evaluate_encoder`, the training loop through :func:`shapee.train.encoder.heldout_eval_fn`, both with
 the defaults of :class:`~shapee.eval.config.EncoderEval` unless told otherwise, so the same weights on the same
-records give the same numbers from both (``tests/test_evaluate.py::test_trainer_and_evaluate_py_give_the_same_numbers``). A setting cheaper than these
-defaults (the training-time mesh grid) is named in the logged key by :func:`metric_keys` (``eval/stf_psnr@32``).
+records give the same numbers from both
+(``tests/test_evaluate.py::test_trainer_and_evaluate_py_give_the_same_numbers``). A setting cheaper than these defaults
+(the training-time mesh grid) is named in the logged key by :func:`metric_keys` (``eval/stf_psnr@32``).
 
 For each transmitter checkpoint (one row per stage: nerf, distill, finetune, or a released ``transmitter.pt``) and
 each held-out asset of a records folder:
@@ -152,9 +153,10 @@ IMAGE_METRICS = ("nerf_psnr", "nerf_psnr_pooled", "nerf_transmittance_l1", "stf_
 
 def metric_keys(row: Mapping[str, Any], *, grid_size: int, resolution: int | None) -> dict[str, float]:
     """The scalar means of an :func:`evaluate_checkpoint` row under names that carry any setting cheaper than
-    ``evaluate.py``'s defaults (:class:`~shapee.eval.config.EncoderEval`), so a cheap in-training number is never read as the full one:
-    a mesh grid other than 128³ adds ``@<grid>`` to the mesh metrics (``stf_psnr@32``), a render resolution below the
-    records' adds ``@<R>px`` to the image metrics. ``n_assets`` and the views' resolution are reported as they are."""
+    ``evaluate.py``'s defaults (:class:`~shapee.eval.config.EncoderEval`), so a cheap in-training number is never read
+    as the full one: a mesh grid other than 128³ adds ``@<grid>`` to the mesh metrics (``stf_psnr@32``), a render
+    resolution below the records' adds ``@<R>px`` to the image metrics. ``n_assets`` and the views' resolution are
+    reported as they are."""
     out: dict[str, float] = {}
     for name in ("nerf_psnr", "nerf_psnr_pooled", "nerf_transmittance_l1", "stf_psnr", "stf_psnr_pooled", "chamfer",
                  "f_score", "n_empty_meshes", "n_assets"):
