@@ -40,7 +40,9 @@ from torch import Tensor
 from shapee.cameras import orbit_cameras
 from shapee.runtime import resolve_device, sync  # noqa: F401  (resolve_device: re-exported, its old home)
 from shapee.io.loading import load_prior, load_transmitter  # noqa: F401  (load_prior: re-exported, its old home)
-from shapee.render import stf
+from shapee.models import meshing
+from shapee.render.grid import DEFAULT_GRID_SIZE
+from shapee.render.mesh import TensorMesh
 
 __all__ = [
     "DECODERS",
@@ -54,10 +56,8 @@ __all__ = [
     "slugify",
 ]
 
-DECODERS = ("stf", "nerf")
-# Iso-level of the NeRF density mesh, in 1/world-units (objects span [-1, 1]). At σ = 10 a slab 0.07 thick (3.5 % of
-# the object's size) is 50 % opaque: the level sits where the volume render turns from see-through to solid.
-NERF_DENSITY_LEVEL = 10.0
+DECODERS = meshing.HEADS
+NERF_DENSITY_LEVEL = meshing.NERF_DENSITY_LEVEL  # iso-level of the NeRF density mesh (see shapee.models.meshing)
 
 
 def slugify(text: str, max_len: int = 48) -> str:
@@ -71,16 +71,6 @@ def _load_decoder(path: str | os.PathLike, device: torch.device):
     if not Path(path).exists():
         raise FileNotFoundError(f"decoder (transmitter) checkpoint {str(path)!r} does not exist")
     return load_transmitter(path, encoder_format="auto", device=device)
-
-
-def _to_trimesh(verts: Tensor, faces: Tensor, colors: Tensor):
-    """A mesh with 8-bit sRGB vertex colours; no surface → a plain empty ``trimesh.Trimesh`` (an empty mesh with an
-    empty colour array trips trimesh's PLY writer)."""
-    import trimesh
-
-    if faces.shape[0] == 0:
-        return trimesh.Trimesh()
-    return stf.to_trimesh(verts, faces, colors)
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -188,7 +178,7 @@ class _To3D(ABC):
         steps: int = 64,
         sampler: str = "karras",
         decoder: str = "stf",
-        grid_size: int = 128,
+        grid_size: int = DEFAULT_GRID_SIZE,
         render_views: int = 0,
         render_resolution: int = 64,
         progress: bool = False,
@@ -237,8 +227,8 @@ class _To3D(ABC):
         timings["sampling"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        raw = self.extract_meshes(latents, decoder=decoder, grid_size=grid_size)  # S × (verts, faces, colours)
-        meshes = [_to_trimesh(v, f, c) for v, f, c in raw]
+        raw = self.extract_meshes(latents, decoder=decoder, grid_size=grid_size)  # S × TensorMesh
+        meshes = [m.to_trimesh() for m in raw]
         sync(self.device)
         timings["mesh"] = time.perf_counter() - t
         if texture or faces is not None:
@@ -267,36 +257,16 @@ class _To3D(ABC):
 
     @torch.no_grad()
     def extract_meshes(
-        self, latents: Tensor, *, decoder: str = "stf", grid_size: int = 128
-    ) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Latents ``[S, n_ctx, d]`` → per sample ``(verts [V, 3], faces [F, 3], sRGB colours [V, 3])`` (V = 0: no
-        surface). ``stf``: SDF 0-level + STF colours; ``nerf``: fine density at ``nerf_density_level`` + NeRF colours."""
+        self, latents: Tensor, *, decoder: str = "stf", grid_size: int = DEFAULT_GRID_SIZE
+    ) -> list[TensorMesh]:
+        """Latents ``[S, n_ctx, d]`` → per sample a :class:`~shapee.render.mesh.TensorMesh` ``(verts [V, 3],
+        faces [F, 3], sRGB colours [V, 3])`` (V = 0: no surface), by the transmitter's mesh path
+        (:meth:`Transmitter.extract_meshes`). ``stf``: SDF 0-level + STF colours; ``nerf``: fine density at
+        ``nerf_density_level`` + NeRF colours."""
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        latents = latents.to(self.device)
-        params = self.decoder.decode_params(latents)
-        if decoder == "stf":
-            level, density_key, rgb_key = 0.0, "sdf", "stf_rgb"  # SDF: positive inside (DESIGN.md)
-        else:
-            level, density_key, rgb_key = self.nerf_density_level, "density_fine", "nerf_rgb_fine"
-
-        def inside(points: Tensor) -> Tensor:  # [S, P, 3] -> [S, P], positive inside: MC extracts its 0 level
-            return self.decoder.query(params, points)[density_key] - level
-
-        def rgb(points: Tensor) -> Tensor:  # [S, P, 3] -> [S, P, 3] sRGB
-            return self.decoder.query(params, points)[rgb_key]
-
-        # SDF: exact values only near the surface (the same mesh, ~1/13 of the queries at 128³); the density has no
-        # slope bound that would make the band safe, so the NeRF decoder keeps the dense grid.
-        field = stf.query_grid(inside, latents.shape[0], grid_size, device=self.device,
-                               narrow_band=decoder == "stf")  # [S, G, G, G]
-        # A border of "outside" closes every mesh: −1 for the SDF (tanh-bounded, as stf.pad_grid), 0 − level for the
-        # density (empty space has density 0). The bounds grow by one voxel so vertices keep their world positions.
-        h = 2.0 / (grid_size - 1)
-        field = torch.nn.functional.pad(field, (1, 1, 1, 1, 1, 1), value=-1.0 if decoder == "stf" else -level)
-        meshes = stf.extract_meshes(field, (-1.0 - h, 1.0 + h), pad=False)
-        colors = stf.query_vertex_colors(rgb, [v for v, _ in meshes])
-        return [(v, f, c.clamp(0, 1)) for (v, f), c in zip(meshes, colors)]
+        return self.decoder.extract_meshes(latents.to(self.device), head=decoder, grid_size=grid_size,
+                                           density_level=self.nerf_density_level)
 
     @torch.no_grad()
     def finish_meshes(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *, decoder: str = "stf",
@@ -305,11 +275,11 @@ class _To3D(ABC):
         ``faces`` (None: as extracted), then a UV atlas + ``texture²`` texture baked from the colour head
         ``texture_head`` (``stf`` / ``nerf``; None: the decoder's head), or (``texture=0``) vertex colours re-queried
         at the decimated vertices. Returns ``trimesh.Trimesh`` per sample."""
-        from shapee.render.texture import bake_mesh, transmitter_colour_fn
+        from shapee.render.texture import bake_mesh
 
         head = texture_head or decoder
         latents = latents.to(self.device)
-        return [bake_mesh(transmitter_colour_fn(self.decoder, latents[s], head), v, f, texture_size=texture,
+        return [bake_mesh(meshing.transmitter_colour_fn(self.decoder, latents[s], head), v, f, texture_size=texture,
                           target_faces=faces, device=self.device)
                 for s, (v, f, _) in enumerate(meshes)]
 
@@ -437,8 +407,6 @@ def _atomic_save_latent(latent: Tensor, path: Path, metadata: dict[str, str]) ->
 def _export_options(export: Mapping[str, Any] | None) -> dict[str, Any]:
     """``export.texture`` / ``export.faces`` / ``export.texture_head`` of ``configs/sample.yaml``, checked, as
     :meth:`TextTo3D.generate` keywords."""
-    from shapee.render.texture import TEXTURE_HEADS
-
     export = dict(export or {})
     unknown = set(export) - {"texture", "faces", "texture_head"}
     if unknown:
@@ -448,8 +416,8 @@ def _export_options(export: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"export.texture must be 0 (vertex colours) or a texture size >= 2, got {texture!r}")
     if faces is not None and (isinstance(faces, bool) or not isinstance(faces, int) or faces < 4):
         raise ValueError(f"export.faces must be null (no decimation) or an integer >= 4, got {faces!r}")
-    if head is not None and head not in TEXTURE_HEADS:
-        raise ValueError(f"export.texture_head must be one of {list(TEXTURE_HEADS)} or null, got {head!r}")
+    if head is not None and head not in meshing.HEADS:
+        raise ValueError(f"export.texture_head must be one of {list(meshing.HEADS)} or null, got {head!r}")
     return {"texture": texture, "faces": faces, "texture_head": head}
 
 
@@ -512,7 +480,7 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
     generation = pipe.generate(
         inputs, n=int(cfg.get("n", 1)), seed=int(cfg.get("seed", 0)), guidance_scale=cfg.get("guidance_scale"),
         steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), decoder=cfg.get("head", "stf"),
-        grid_size=int(cfg.get("grid_size", 128)), render_views=int(cfg.get("render_views", 20)),
+        grid_size=int(cfg.get("grid_size", DEFAULT_GRID_SIZE)), render_views=int(cfg.get("render_views", 20)),
         render_resolution=int(cfg.get("render_resolution", 64)), progress=bool(cfg.get("progress", False)),
         cuda_graph=cfg.get("cuda_graph"), **export,
     )

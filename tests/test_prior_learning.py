@@ -152,9 +152,7 @@ def test_random_weight_clip_tells_the_prompts_apart(chain):
 
 def test_encoder_meshes_are_recognisable(chain, references):
     # The decoder side first: the training latents themselves decode to their own shape and colour.
-    from shapee.pipeline import _to_trimesh
-
-    meshes = [_to_trimesh(v, f, c) for v, f, c in chain["recon"]]
+    meshes = [m.to_trimesh() for m in chain["recon"]]
     result = toy_match_rate(meshes, [a.captions[0] for a in WORLD], references)
     print("\nencoder reconstructions: " + format_toy_match(result))
     assert result["n_empty"] == 0

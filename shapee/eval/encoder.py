@@ -46,6 +46,7 @@ from torch import Tensor
 from shapee.eval.metrics import DEFAULT_FSCORE_THRESHOLD, point_set_metrics, psnr_per_item, sample_mesh_points
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
 from shapee.io.loading import load_transmitter
+from shapee.render.grid import DEFAULT_GRID_SIZE
 
 ENCODER_DEFAULTS: dict[str, Any] = dict(
     holdout=None,  # null: every asset of data.root is held out (a separate test folder); int: AssetDataset.split
@@ -53,7 +54,7 @@ ENCODER_DEFAULTS: dict[str, Any] = dict(
     max_assets=None,  # evaluate at most this many (the first by asset id)
     views="auto",  # auto: holdout if the model holds views out, else all | all | holdout (the last model.holdout_views)
     resolution=None,  # null: the records' resolution; else render smaller, targets area-averaged to it
-    grid_size=128,  # SDF grid of the mesh (128³ as released); None: the model's stf_grid_size
+    grid_size=DEFAULT_GRID_SIZE,  # SDF grid of the mesh (128³ as released); None: the model's stf_grid_size
     n_points=16384,  # surface samples per mesh for Chamfer / F-score
     fscore_threshold=DEFAULT_FSCORE_THRESHOLD,  # world units
     psnr_cap=100.0,  # dB; identical images would be +inf

@@ -34,6 +34,7 @@ from torch import Tensor
 from shapee.eval.metrics import retrieval_ranks
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
 from shapee.io.loading import load_transmitter
+from shapee.render.grid import DEFAULT_GRID_SIZE
 
 GENERATION_DEFAULTS: dict[str, Any] = dict(
     transmitter=None,  # transmitter snapshot / released transmitter.pt that decodes the prior's latents
@@ -47,7 +48,7 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
     elevation_deg=30.0,  # camera elevation above the horizon
     resolution=128,  # render size (square)
     fov=0.7,  # radians (the notebooks' pan cameras)
-    grid_size=128,  # SDF grid of STF renders
+    grid_size=DEFAULT_GRID_SIZE,  # SDF grid of STF renders (128³ as released)
     eval_clip=None,  # {model_name, pretrained, model_cfg, dtype}: the evaluation CLIP (see DEFAULT_EVAL_CLIP)
     allow_same_clip=False,  # evaluate with the conditioning CLIP anyway (warned, marked in the results)
     warmup=True,  # one untimed 2-step sample + render before timing
