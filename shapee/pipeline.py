@@ -1,7 +1,7 @@
 """Text/image → 3D: the public sampling pipeline (DESIGN.md "Public API") and the library side of ``scripts/sample.py``.
 
     pipe = TextTo3D.from_checkpoints(prior="runs/prior_text/checkpoints/snapshot.pt",
-                                     decoder="runs/encoder_finetune/checkpoints/snapshot.pt")
+                                     transmitter="runs/encoder_finetune/checkpoints/snapshot.pt")
     meshes = pipe("a red cube", n=2, seed=0)                   # list[trimesh.Trimesh], sRGB vertex colours
     result = pipe.generate("a red cube", render_views=20)       # + latents, turntable frames, timings
 
@@ -11,13 +11,13 @@ Steps (reference Appendix A): CLIP embedding of the prompts (or image patch grid
 classifier-free guidance in x₀ space (:meth:`LatentDiffusion.sample_from_cond`) → latents ``[S, n_ctx, d_latent]``
 → the transmitter decodes each latent into implicit-MLP weights → a mesh per latent:
 
-* ``decoder="stf"`` (default, as the official ``decode_latent_mesh``): Marching Cubes 33 on the SDF head's 0 level,
+* ``head="stf"`` (default, as the official ``decode_latent_mesh``): Marching Cubes 33 on the SDF head's 0 level,
   STF colour head at the vertices; turntables are renders of that mesh with the dataset lighting.
-* ``decoder="nerf"``: Marching Cubes on the NeRF (fine) density at ``nerf_density_level``, NeRF colour head at the
+* ``head="nerf"``: Marching Cubes on the NeRF (fine) density at ``nerf_density_level``, NeRF colour head at the
   vertices; turntables are NeRF volume renders. Useful for an encoder trained only with the NeRF stage, whose SDF
   head is untrained.
 
-The prior and the decoder must agree on the latent shape (released: ``[1024, 1024]``; tiny presets ``[128, 64]``):
+The prior and the transmitter must agree on the latent shape (released: ``[1024, 1024]``; tiny presets ``[128, 64]``):
 checked when the pipeline is built.
 """
 
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from shapee.cameras import orbit_cameras
+from shapee.cli import refuse_renamed_kwargs
 from shapee.runtime import resolve_device, sync  # noqa: F401  (resolve_device: re-exported, its old home)
 from shapee.io.loading import load_prior, load_transmitter  # noqa: F401  (load_prior: re-exported, its old home)
 from shapee.models import meshing
@@ -45,8 +46,8 @@ from shapee.render.grid import DEFAULT_GRID_SIZE
 from shapee.render.mesh import TensorMesh
 
 __all__ = [
-    "DECODERS",
     "Generation",
+    "HEADS",
     "ImageTo3D",
     "TextTo3D",
     "format_report",
@@ -56,7 +57,9 @@ __all__ = [
     "slugify",
 ]
 
-DECODERS = meshing.HEADS
+HEADS = meshing.HEADS  # the stf|nerf heads a mesh (and its turntable) can come from
+# ``decoder=`` meant both the transmitter checkpoint and the stf|nerf head; the two names now say which.
+DECODER_RENAMED = "use transmitter= for the checkpoint / head= for stf|nerf"
 NERF_DENSITY_LEVEL = meshing.NERF_DENSITY_LEVEL  # iso-level of the NeRF density mesh (see shapee.models.meshing)
 
 
@@ -67,9 +70,9 @@ def slugify(text: str, max_len: int = 48) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def _load_decoder(path: str | os.PathLike, device: torch.device):
+def _load_transmitter(path: str | os.PathLike, device: torch.device):
     if not Path(path).exists():
-        raise FileNotFoundError(f"decoder (transmitter) checkpoint {str(path)!r} does not exist")
+        raise FileNotFoundError(f"transmitter checkpoint {str(path)!r} does not exist")
     return load_transmitter(path, encoder_format="auto", device=device)
 
 
@@ -92,7 +95,8 @@ class _To3D(ABC):
     cond_mode = ""
     official_prior = ""
 
-    def __init__(self, prior, decoder, *, device: str | torch.device | None = None,
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
+    def __init__(self, prior, transmitter, *, device: str | torch.device | None = None,
                  nerf_density_level: float = NERF_DENSITY_LEVEL) -> None:
         if getattr(prior, "cond_mode", None) != self.cond_mode:
             other = {"text": "TextTo3D", "image": "ImageTo3D"}.get(getattr(prior, "cond_mode", None), "?")
@@ -100,25 +104,26 @@ class _To3D(ABC):
                 f"{type(self).__name__} needs a {self.cond_mode}-conditional prior, got a "
                 f"{getattr(prior, 'cond_mode', type(prior).__name__)!r} one (use {other})"
             )
-        encoder = getattr(decoder, "encoder", None)
-        if encoder is None or not hasattr(decoder, "decode_params"):
-            raise ValueError(f"decoder must be a shapee.models.Transmitter, got {type(decoder).__name__}")
+        encoder = getattr(transmitter, "encoder", None)
+        if encoder is None or not hasattr(transmitter, "decode_params"):
+            raise ValueError(f"transmitter must be a shapee.models.Transmitter, got {type(transmitter).__name__}")
         decodes = (int(encoder.latent_ctx), int(encoder.d_latent))
         if tuple(prior.latent_shape) != decodes:
             raise ValueError(
-                f"the prior makes latents {list(prior.latent_shape)} but the decoder (transmitter) decodes latents "
+                f"the prior makes latents {list(prior.latent_shape)} but the transmitter decodes latents "
                 f"{list(decodes)}: use the transmitter whose latents the prior was trained on"
             )
         self.device = resolve_device(device) if device is not None else prior.device
         self.prior = prior.to(self.device).eval()
-        self.decoder = decoder.to(self.device).eval()
+        self.transmitter = transmitter.to(self.device).eval()
         self.nerf_density_level = float(nerf_density_level)
 
     @classmethod
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def from_checkpoints(
         cls,
         prior: str | os.PathLike | None = None,
-        decoder: str | os.PathLike | None = None,
+        transmitter: str | os.PathLike | None = None,
         *,
         device: str | torch.device = "auto",
         official: bool = False,
@@ -129,14 +134,15 @@ class _To3D(ABC):
 
         Args:
             prior: our prior snapshot / full checkpoint, or (official) a released ``text_cond.pt`` / ``image_cond.pt``.
-            decoder: our transmitter snapshot / full checkpoint, or a released ``transmitter.pt``.
+            transmitter: our transmitter snapshot / full checkpoint, or a released ``transmitter.pt`` (the weights
+                that decode latents; ``decoder=`` before).
             device: ``auto`` (CUDA if available), ``cpu``, ``cuda:1``, ...
-            official: with ``prior``/``decoder`` left out, take the released files from the cache (downloaded with a
+            official: with ``prior``/``transmitter`` left out, take the released files from the cache (downloaded with a
                 checksum check when online; see :mod:`shapee.io.download`; ``cache_dir`` overrides
                 ``$SHAPEE_CACHE``). The released prior needs the OpenAI CLIP ViT-L/14 weights (open_clip fetches them).
 
         Raises:
-            ValueError: a checkpoint left out (ours), mismatched prior and decoder, the wrong kind of prior.
+            ValueError: a checkpoint left out (ours), mismatched prior and transmitter, the wrong kind of prior.
             FileNotFoundError / CheckpointError / EncoderLoadError / OfficialDownloadError: naming the file.
         """
         dev = resolve_device(device)
@@ -145,17 +151,17 @@ class _To3D(ABC):
 
             if prior is None:
                 prior = fetch_official(cls.official_prior, directory=cache_dir, offline=offline)
-            if decoder is None:
-                decoder = fetch_official("transmitter", directory=cache_dir, offline=offline)
-        elif prior is None or decoder is None:
-            missing = " and ".join(n for n, v in (("prior", prior), ("decoder", decoder)) if v is None)
+            if transmitter is None:
+                transmitter = fetch_official("transmitter", directory=cache_dir, offline=offline)
+        elif prior is None or transmitter is None:
+            missing = " and ".join(n for n, v in (("prior", prior), ("transmitter", transmitter)) if v is None)
             raise ValueError(
                 f"{cls.__name__}.from_checkpoints: {missing} not given: pass our snapshots (e.g. prior="
-                f"runs/prior_{cls.cond_mode}/checkpoints/snapshot.pt, decoder=runs/encoder_finetune/checkpoints/"
+                f"runs/prior_{cls.cond_mode}/checkpoints/snapshot.pt, transmitter=runs/encoder_finetune/checkpoints/"
                 "snapshot.pt) or official=True for the released weights"
             )
         prior_model = load_prior(prior, official_name=cls.official_prior, device=dev)
-        return cls(prior_model, _load_decoder(decoder, dev), device=dev)
+        return cls(prior_model, _load_transmitter(transmitter, dev), device=dev)
 
     # ------------------------------------------------------------------------------------------------ inputs
     @abstractmethod
@@ -168,6 +174,7 @@ class _To3D(ABC):
 
     # ------------------------------------------------------------------------------------------------- steps
     @torch.no_grad()
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def generate(
         self,
         inputs,
@@ -177,7 +184,7 @@ class _To3D(ABC):
         guidance_scale: float | None = None,
         steps: int = 64,
         sampler: str = "karras",
-        decoder: str = "stf",
+        head: str = "stf",
         grid_size: int = DEFAULT_GRID_SIZE,
         render_views: int = 0,
         render_resolution: int = 64,
@@ -195,16 +202,16 @@ class _To3D(ABC):
                 sample depends on the batch it is drawn in).
             guidance_scale: classifier-free guidance (default: the prior's, 15 text / 3 image for the released).
             steps: sampler steps (64 as the notebooks). ``sampler``: ``karras`` (Heun), ``ddim``, ``ancestral``.
-            decoder: ``stf`` (SDF mesh, mesh renders) or ``nerf`` (density mesh, volume renders).
+            head: ``stf`` (SDF mesh, mesh renders) or ``nerf`` (density mesh, volume renders).
             grid_size: marching-cubes grid (128³ as released).
             render_views, render_resolution: turntable frames per sample (0: none) and their size.
             cuda_graph: replay the sampler's denoiser calls from a captured CUDA graph (``None``: on CUDA).
             texture, faces, texture_head: the export form of the meshes (:meth:`finish_meshes`): decimated to
                 ``faces``, with a ``texture²`` texture baked from the colour head ``texture_head`` (``stf``/``nerf``;
-                ``None``: the decoder's); ``stf`` turntables then show these meshes. Default: MC vertex colours.
+                ``None``: ``head``); ``stf`` turntables then show these meshes. Default: MC vertex colours.
         """
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         for name, value, low in (("n", n, 1), ("steps", steps, 1), ("grid_size", grid_size, 2),
                                  ("render_views", render_views, 0), ("render_resolution", render_resolution, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -227,13 +234,13 @@ class _To3D(ABC):
         timings["sampling"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        raw = self.extract_meshes(latents, decoder=decoder, grid_size=grid_size)  # S × TensorMesh
+        raw = self.extract_meshes(latents, head=head, grid_size=grid_size)  # S × TensorMesh
         meshes = [m.to_trimesh() for m in raw]
         sync(self.device)
         timings["mesh"] = time.perf_counter() - t
         if texture or faces is not None:
             t = time.perf_counter()
-            meshes = self.finish_meshes(latents, raw, decoder=decoder, texture=texture, faces=faces,
+            meshes = self.finish_meshes(latents, raw, head=head, texture=texture, faces=faces,
                                         texture_head=texture_head)
             raw = meshes  # the turntables show what is exported
             sync(self.device)
@@ -242,50 +249,54 @@ class _To3D(ABC):
         frames = None
         if render_views > 0:
             t = time.perf_counter()
-            frames = self.render_turntables(latents, raw, decoder=decoder, views=render_views,
+            frames = self.render_turntables(latents, raw, head=head, views=render_views,
                                             resolution=render_resolution)
             sync(self.device)
             timings["render"] = time.perf_counter() - t
         sources = [label for label in labels for _ in range(n)]
         return Generation(latents=latents, meshes=meshes, sources=sources, frames=frames, timings=timings)
 
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def __call__(self, inputs, n: int = 1, seed: int = 0, guidance_scale: float | None = None, steps: int = 64,
-                 decoder: str = "stf", **kwargs) -> list:
+                 head: str = "stf", **kwargs) -> list:
         """Meshes (``list[trimesh.Trimesh]``, ``n`` per input, prompt-major); see :meth:`generate`."""
-        return self.generate(inputs, n=n, seed=seed, guidance_scale=guidance_scale, steps=steps, decoder=decoder,
+        return self.generate(inputs, n=n, seed=seed, guidance_scale=guidance_scale, steps=steps, head=head,
                              **kwargs).meshes
 
     @torch.no_grad()
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def extract_meshes(
-        self, latents: Tensor, *, decoder: str = "stf", grid_size: int = DEFAULT_GRID_SIZE
+        self, latents: Tensor, *, head: str = "stf", grid_size: int = DEFAULT_GRID_SIZE
     ) -> list[TensorMesh]:
         """Latents ``[S, n_ctx, d]`` → per sample a :class:`~shapee.render.mesh.TensorMesh` ``(verts [V, 3],
         faces [F, 3], sRGB colours [V, 3])`` (V = 0: no surface), by the transmitter's mesh path
         (:meth:`Transmitter.extract_meshes`). ``stf``: SDF 0-level + STF colours; ``nerf``: fine density at
         ``nerf_density_level`` + NeRF colours."""
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        return self.decoder.extract_meshes(latents.to(self.device), head=decoder, grid_size=grid_size,
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        return self.transmitter.extract_meshes(latents.to(self.device), head=head, grid_size=grid_size,
                                            density_level=self.nerf_density_level)
 
     @torch.no_grad()
-    def finish_meshes(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *, decoder: str = "stf",
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
+    def finish_meshes(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *, head: str = "stf",
                       texture: int = 0, faces: int | None = None, texture_head: str | None = None) -> list:
         """The meshes of :meth:`extract_meshes` in export form (:func:`shapee.render.texture.bake_mesh`): decimated to
         ``faces`` (None: as extracted), then a UV atlas + ``texture²`` texture baked from the colour head
-        ``texture_head`` (``stf`` / ``nerf``; None: the decoder's head), or (``texture=0``) vertex colours re-queried
+        ``texture_head`` (``stf`` / ``nerf``; None: ``head``), or (``texture=0``) vertex colours re-queried
         at the decimated vertices. Returns ``trimesh.Trimesh`` per sample."""
         from shapee.render.texture import bake_mesh
 
-        head = texture_head or decoder
+        colour_head = texture_head or head
         latents = latents.to(self.device)
-        return [bake_mesh(meshing.transmitter_colour_fn(self.decoder, latents[s], head), v, f, texture_size=texture,
+        return [bake_mesh(meshing.transmitter_colour_fn(self.transmitter, latents[s], colour_head), v, f, texture_size=texture,
                           target_faces=faces, device=self.device)
                 for s, (v, f, _) in enumerate(meshes)]
 
     @torch.no_grad()
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def render_turntables(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *,
-                          decoder: str = "stf", views: int = 20, resolution: int = 64) -> Tensor:
+                          head: str = "stf", views: int = 20, resolution: int = 64) -> Tensor:
         """Turntable frames ``[S, V, H, W, 3]`` uint8 sRGB on black, seen by the official notebooks' pan cameras
         (:func:`shapee.cameras.orbit_cameras`).
 
@@ -296,8 +307,8 @@ class _To3D(ABC):
         (vertex-coloured or textured, as :meth:`finish_meshes` makes them): those are rendered with their texture.
         """
         cameras = orbit_cameras(views, resolution=resolution, device=self.device)
-        if decoder == "nerf":
-            rgb = self.decoder.render_nerf(latents.to(self.device), cameras, deterministic=True)["rgb"]
+        if head == "nerf":
+            rgb = self.transmitter.render_nerf(latents.to(self.device), cameras, deterministic=True)["rgb"]
             return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [S, V, H, W, 3]
         from shapee.data.mesh import Mesh
         from shapee.data.render import render_views
@@ -324,7 +335,7 @@ class _To3D(ABC):
 class TextTo3D(_To3D):
     """Text → 3D: a text-conditional :class:`~shapee.models.LatentDiffusion` + a :class:`~shapee.models.Transmitter`.
 
-    ``TextTo3D.from_checkpoints(prior=..., decoder=...)("a red cube", n=2)`` → two ``trimesh.Trimesh``.
+    ``TextTo3D.from_checkpoints(prior=..., transmitter=...)("a red cube", n=2)`` → two ``trimesh.Trimesh``.
     """
 
     cond_mode = "text"
@@ -471,7 +482,7 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     pipe = pipeline_cls.from_checkpoints(
-        prior=cfg.get("prior"), decoder=cfg.get("transmitter"), device=cfg.get("device", "auto"),
+        prior=cfg.get("prior"), transmitter=cfg.get("transmitter"), device=cfg.get("device", "auto"),
         official=checkpoint == "official", cache_dir=cfg.get("cache_dir"),
     )
     if cfg.get("clip"):
@@ -479,7 +490,7 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
     timings["load"] = time.perf_counter() - t
     generation = pipe.generate(
         inputs, n=int(cfg.get("n", 1)), seed=int(cfg.get("seed", 0)), guidance_scale=cfg.get("guidance_scale"),
-        steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), decoder=cfg.get("head", "stf"),
+        steps=int(cfg.get("steps", 64)), sampler=cfg.get("sampler", "karras"), head=cfg.get("head", "stf"),
         grid_size=int(cfg.get("grid_size", DEFAULT_GRID_SIZE)), render_views=int(cfg.get("render_views", 20)),
         render_resolution=int(cfg.get("render_resolution", 64)), progress=bool(cfg.get("progress", False)),
         cuda_graph=cfg.get("cuda_graph"), **export,

@@ -121,7 +121,7 @@ def chain(tmp_path_factory) -> dict:
             "num_workers=0"]), resolve=True))
         prior_metrics = step("prior", train_diffusion, _compose(
             "train_diffusion", [*PRIOR, f"data.root={latents}", f"run_dir={out / 'prior'}"]))
-        pipe = TextTo3D.from_checkpoints(prior=prior, decoder=encoder, device="cpu")
+        pipe = TextTo3D.from_checkpoints(prior=prior, transmitter=encoder, device="cpu")
         generation = step("sample", lambda: pipe.generate(
             PROMPTS, n=N_SAMPLES, seed=SEED, guidance_scale=GUIDANCE, steps=SAMPLER_STEPS, grid_size=GRID,
             render_views=0))
