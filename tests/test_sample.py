@@ -17,7 +17,8 @@ from safetensors import safe_open
 from _tiny_data import REPO, one_torch_thread, run_script
 from shapee.io import CheckpointError
 from shapee.io.download import OfficialDownloadError
-from shapee.pipeline import TextTo3D, format_report, sample_assets
+from shapee.pipeline import TextTo3D
+from shapee.sample import format_report, sample_assets
 from test_pipeline import save_box_decoder, save_prior
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)

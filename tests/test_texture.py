@@ -253,7 +253,7 @@ def test_sample_script_options_write_textured_assets(tmp_path, box_decoder):
     from test_pipeline import save_prior
     from test_sample import sample_cfg
 
-    from shapee.pipeline import sample_assets
+    from shapee.sample import sample_assets
 
     prior = save_prior(tmp_path / "prior.pt")
     cfg = sample_cfg("prompt=a red cube", f"prior={prior}", f"transmitter={box_decoder}", f"out={tmp_path / 'out'}",
