@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from shapee.data.prepare import prepare_dataset
-    from shapee.pipeline import format_report, sample_assets
+    from shapee.sample import format_report, sample_assets
     from shapee.train.diffusion import train_diffusion
     from shapee.train.chain import Chain
     from shapee.train.encoder import train_encoder

@@ -62,7 +62,7 @@ def check_command_line() -> None:
              "shapee.conditioning.clip.CLIPUnavailableError", "shapee.io.download.OfficialDownloadError")
 def main(cfg: DictConfig) -> None:
     check_inputs(cfg)
-    from shapee.pipeline import format_report, sample_assets
+    from shapee.sample import format_report, sample_assets
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["progress"] = progress_enabled(cfg.progress)  # the sampler's bar: on a terminal, unless progress=false

@@ -239,6 +239,24 @@ def _nearest(key: str, compose: Callable, overrides: list[str], bad: str) -> str
     return f"; known: {', '.join(k for k in known if '.' not in k)}"
 
 
+
+def refuse_renamed_kwargs(**renamed: str) -> Callable:
+    """Decorator for the Python API's side of :data:`RENAMED_KEYS`: a call with an old keyword (``decoder=...``)
+    raises a one-line ``TypeError`` naming the function and what to pass instead (``renamed[old]``), where Python
+    would only say the keyword is unexpected. The signature shown by ``help()`` stays the wrapped function's."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            for old in renamed:
+                if old in kwargs:
+                    raise TypeError(f"{fn.__qualname__}: {old}= was renamed: {renamed[old]}")
+            return fn(*args, **kwargs)
+
+        return checked
+
+    return wrap
+
 def require_key(cfg: Any, key: str, hint: str) -> Any:
     """The value of ``key``; a :class:`UserError` naming it and ``hint`` (what to pass) when it is not set."""
     value = _get(cfg, key)

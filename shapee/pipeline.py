@@ -1,7 +1,8 @@
-"""Text/image → 3D: the public sampling pipeline (DESIGN.md "Public API") and the library side of ``scripts/sample.py``.
+"""Text/image → 3D: the public sampling pipeline (DESIGN.md "Public API"); :mod:`shapee.sample` writes its results
+to files for ``scripts/sample.py``.
 
     pipe = TextTo3D.from_checkpoints(prior="runs/prior_text/checkpoints/snapshot.pt",
-                                     decoder="runs/encoder_finetune/checkpoints/snapshot.pt")
+                                     transmitter="runs/encoder_finetune/checkpoints/snapshot.pt")
     meshes = pipe("a red cube", n=2, seed=0)                   # list[trimesh.Trimesh], sRGB vertex colours
     result = pipe.generate("a red cube", render_views=20)       # + latents, turntable frames, timings
 
@@ -11,76 +12,56 @@ Steps (reference Appendix A): CLIP embedding of the prompts (or image patch grid
 classifier-free guidance in x₀ space (:meth:`LatentDiffusion.sample_from_cond`) → latents ``[S, n_ctx, d_latent]``
 → the transmitter decodes each latent into implicit-MLP weights → a mesh per latent:
 
-* ``decoder="stf"`` (default, as the official ``decode_latent_mesh``): Marching Cubes 33 on the SDF head's 0 level,
+* ``head="stf"`` (default, as the official ``decode_latent_mesh``): Marching Cubes 33 on the SDF head's 0 level,
   STF colour head at the vertices; turntables are renders of that mesh with the dataset lighting.
-* ``decoder="nerf"``: Marching Cubes on the NeRF (fine) density at ``nerf_density_level``, NeRF colour head at the
+* ``head="nerf"``: Marching Cubes on the NeRF (fine) density at ``nerf_density_level``, NeRF colour head at the
   vertices; turntables are NeRF volume renders. Useful for an encoder trained only with the NeRF stage, whose SDF
   head is untrained.
 
-The prior and the decoder must agree on the latent shape (released: ``[1024, 1024]``; tiny presets ``[128, 64]``):
+The prior and the transmitter must agree on the latent shape (released: ``[1024, 1024]``; tiny presets ``[128, 64]``):
 checked when the pipeline is built.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
-import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from shapee.cameras import orbit_cameras
+from shapee.cli import refuse_renamed_kwargs
 from shapee.runtime import resolve_device, sync  # noqa: F401  (resolve_device: re-exported, its old home)
 from shapee.io.loading import load_prior, load_transmitter  # noqa: F401  (load_prior: re-exported, its old home)
-from shapee.render import stf
+from shapee.models import meshing
+from shapee.render.grid import DEFAULT_GRID_SIZE
+from shapee.render.mesh import TensorMesh
 
 __all__ = [
-    "DECODERS",
     "Generation",
+    "HEADS",
     "ImageTo3D",
     "TextTo3D",
-    "format_report",
     "load_prior",
     "resolve_device",
-    "sample_assets",
-    "slugify",
 ]
 
-DECODERS = ("stf", "nerf")
-# Iso-level of the NeRF density mesh, in 1/world-units (objects span [-1, 1]). At σ = 10 a slab 0.07 thick (3.5 % of
-# the object's size) is 50 % opaque: the level sits where the volume render turns from see-through to solid.
-NERF_DENSITY_LEVEL = 10.0
-
-
-def slugify(text: str, max_len: int = 48) -> str:
-    """A file-name-safe version of a prompt: ``"A red cube!"`` → ``"a_red_cube"`` (``"sample"`` if nothing is left)."""
-    slug = re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")[:max_len].strip("_")
-    return slug or "sample"
+HEADS = meshing.HEADS  # the stf|nerf heads a mesh (and its turntable) can come from
+# ``decoder=`` meant both the transmitter checkpoint and the stf|nerf head; the two names now say which.
+DECODER_RENAMED = "use transmitter= for the checkpoint / head= for stf|nerf"
+NERF_DENSITY_LEVEL = meshing.NERF_DENSITY_LEVEL  # iso-level of the NeRF density mesh (see shapee.models.meshing)
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def _load_decoder(path: str | os.PathLike, device: torch.device):
+def _load_transmitter(path: str | os.PathLike, device: torch.device):
     if not Path(path).exists():
-        raise FileNotFoundError(f"decoder (transmitter) checkpoint {str(path)!r} does not exist")
+        raise FileNotFoundError(f"transmitter checkpoint {str(path)!r} does not exist")
     return load_transmitter(path, encoder_format="auto", device=device)
-
-
-def _to_trimesh(verts: Tensor, faces: Tensor, colors: Tensor):
-    """A mesh with 8-bit sRGB vertex colours; no surface → a plain empty ``trimesh.Trimesh`` (an empty mesh with an
-    empty colour array trips trimesh's PLY writer)."""
-    import trimesh
-
-    if faces.shape[0] == 0:
-        return trimesh.Trimesh()
-    return stf.to_trimesh(verts, faces, colors)
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -102,7 +83,8 @@ class _To3D(ABC):
     cond_mode = ""
     official_prior = ""
 
-    def __init__(self, prior, decoder, *, device: str | torch.device | None = None,
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
+    def __init__(self, prior, transmitter, *, device: str | torch.device | None = None,
                  nerf_density_level: float = NERF_DENSITY_LEVEL) -> None:
         if getattr(prior, "cond_mode", None) != self.cond_mode:
             other = {"text": "TextTo3D", "image": "ImageTo3D"}.get(getattr(prior, "cond_mode", None), "?")
@@ -110,25 +92,26 @@ class _To3D(ABC):
                 f"{type(self).__name__} needs a {self.cond_mode}-conditional prior, got a "
                 f"{getattr(prior, 'cond_mode', type(prior).__name__)!r} one (use {other})"
             )
-        encoder = getattr(decoder, "encoder", None)
-        if encoder is None or not hasattr(decoder, "decode_params"):
-            raise ValueError(f"decoder must be a shapee.models.Transmitter, got {type(decoder).__name__}")
+        encoder = getattr(transmitter, "encoder", None)
+        if encoder is None or not hasattr(transmitter, "decode_params"):
+            raise ValueError(f"transmitter must be a shapee.models.Transmitter, got {type(transmitter).__name__}")
         decodes = (int(encoder.latent_ctx), int(encoder.d_latent))
         if tuple(prior.latent_shape) != decodes:
             raise ValueError(
-                f"the prior makes latents {list(prior.latent_shape)} but the decoder (transmitter) decodes latents "
+                f"the prior makes latents {list(prior.latent_shape)} but the transmitter decodes latents "
                 f"{list(decodes)}: use the transmitter whose latents the prior was trained on"
             )
         self.device = resolve_device(device) if device is not None else prior.device
         self.prior = prior.to(self.device).eval()
-        self.decoder = decoder.to(self.device).eval()
+        self.transmitter = transmitter.to(self.device).eval()
         self.nerf_density_level = float(nerf_density_level)
 
     @classmethod
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def from_checkpoints(
         cls,
         prior: str | os.PathLike | None = None,
-        decoder: str | os.PathLike | None = None,
+        transmitter: str | os.PathLike | None = None,
         *,
         device: str | torch.device = "auto",
         official: bool = False,
@@ -139,14 +122,15 @@ class _To3D(ABC):
 
         Args:
             prior: our prior snapshot / full checkpoint, or (official) a released ``text_cond.pt`` / ``image_cond.pt``.
-            decoder: our transmitter snapshot / full checkpoint, or a released ``transmitter.pt``.
+            transmitter: our transmitter snapshot / full checkpoint, or a released ``transmitter.pt`` (the weights
+                that decode latents; ``decoder=`` before).
             device: ``auto`` (CUDA if available), ``cpu``, ``cuda:1``, ...
-            official: with ``prior``/``decoder`` left out, take the released files from the cache (downloaded with a
+            official: with ``prior``/``transmitter`` left out, take the released files from the cache (downloaded with a
                 checksum check when online; see :mod:`shapee.io.download`; ``cache_dir`` overrides
                 ``$SHAPEE_CACHE``). The released prior needs the OpenAI CLIP ViT-L/14 weights (open_clip fetches them).
 
         Raises:
-            ValueError: a checkpoint left out (ours), mismatched prior and decoder, the wrong kind of prior.
+            ValueError: a checkpoint left out (ours), mismatched prior and transmitter, the wrong kind of prior.
             FileNotFoundError / CheckpointError / EncoderLoadError / OfficialDownloadError: naming the file.
         """
         dev = resolve_device(device)
@@ -155,17 +139,17 @@ class _To3D(ABC):
 
             if prior is None:
                 prior = fetch_official(cls.official_prior, directory=cache_dir, offline=offline)
-            if decoder is None:
-                decoder = fetch_official("transmitter", directory=cache_dir, offline=offline)
-        elif prior is None or decoder is None:
-            missing = " and ".join(n for n, v in (("prior", prior), ("decoder", decoder)) if v is None)
+            if transmitter is None:
+                transmitter = fetch_official("transmitter", directory=cache_dir, offline=offline)
+        elif prior is None or transmitter is None:
+            missing = " and ".join(n for n, v in (("prior", prior), ("transmitter", transmitter)) if v is None)
             raise ValueError(
                 f"{cls.__name__}.from_checkpoints: {missing} not given: pass our snapshots (e.g. prior="
-                f"runs/prior_{cls.cond_mode}/checkpoints/snapshot.pt, decoder=runs/encoder_finetune/checkpoints/"
+                f"runs/prior_{cls.cond_mode}/checkpoints/snapshot.pt, transmitter=runs/encoder_finetune/checkpoints/"
                 "snapshot.pt) or official=True for the released weights"
             )
         prior_model = load_prior(prior, official_name=cls.official_prior, device=dev)
-        return cls(prior_model, _load_decoder(decoder, dev), device=dev)
+        return cls(prior_model, _load_transmitter(transmitter, dev), device=dev)
 
     # ------------------------------------------------------------------------------------------------ inputs
     @abstractmethod
@@ -178,6 +162,7 @@ class _To3D(ABC):
 
     # ------------------------------------------------------------------------------------------------- steps
     @torch.no_grad()
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def generate(
         self,
         inputs,
@@ -187,8 +172,8 @@ class _To3D(ABC):
         guidance_scale: float | None = None,
         steps: int = 64,
         sampler: str = "karras",
-        decoder: str = "stf",
-        grid_size: int = 128,
+        head: str = "stf",
+        grid_size: int = DEFAULT_GRID_SIZE,
         render_views: int = 0,
         render_resolution: int = 64,
         progress: bool = False,
@@ -205,16 +190,16 @@ class _To3D(ABC):
                 sample depends on the batch it is drawn in).
             guidance_scale: classifier-free guidance (default: the prior's, 15 text / 3 image for the released).
             steps: sampler steps (64 as the notebooks). ``sampler``: ``karras`` (Heun), ``ddim``, ``ancestral``.
-            decoder: ``stf`` (SDF mesh, mesh renders) or ``nerf`` (density mesh, volume renders).
+            head: ``stf`` (SDF mesh, mesh renders) or ``nerf`` (density mesh, volume renders).
             grid_size: marching-cubes grid (128³ as released).
             render_views, render_resolution: turntable frames per sample (0: none) and their size.
             cuda_graph: replay the sampler's denoiser calls from a captured CUDA graph (``None``: on CUDA).
             texture, faces, texture_head: the export form of the meshes (:meth:`finish_meshes`): decimated to
                 ``faces``, with a ``texture²`` texture baked from the colour head ``texture_head`` (``stf``/``nerf``;
-                ``None``: the decoder's); ``stf`` turntables then show these meshes. Default: MC vertex colours.
+                ``None``: ``head``); ``stf`` turntables then show these meshes. Default: MC vertex colours.
         """
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         for name, value, low in (("n", n, 1), ("steps", steps, 1), ("grid_size", grid_size, 2),
                                  ("render_views", render_views, 0), ("render_resolution", render_resolution, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -237,13 +222,13 @@ class _To3D(ABC):
         timings["sampling"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        raw = self.extract_meshes(latents, decoder=decoder, grid_size=grid_size)  # S × (verts, faces, colours)
-        meshes = [_to_trimesh(v, f, c) for v, f, c in raw]
+        raw = self.extract_meshes(latents, head=head, grid_size=grid_size)  # S × TensorMesh
+        meshes = [m.to_trimesh() for m in raw]
         sync(self.device)
         timings["mesh"] = time.perf_counter() - t
         if texture or faces is not None:
             t = time.perf_counter()
-            meshes = self.finish_meshes(latents, raw, decoder=decoder, texture=texture, faces=faces,
+            meshes = self.finish_meshes(latents, raw, head=head, texture=texture, faces=faces,
                                         texture_head=texture_head)
             raw = meshes  # the turntables show what is exported
             sync(self.device)
@@ -252,70 +237,54 @@ class _To3D(ABC):
         frames = None
         if render_views > 0:
             t = time.perf_counter()
-            frames = self.render_turntables(latents, raw, decoder=decoder, views=render_views,
+            frames = self.render_turntables(latents, raw, head=head, views=render_views,
                                             resolution=render_resolution)
             sync(self.device)
             timings["render"] = time.perf_counter() - t
         sources = [label for label in labels for _ in range(n)]
         return Generation(latents=latents, meshes=meshes, sources=sources, frames=frames, timings=timings)
 
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def __call__(self, inputs, n: int = 1, seed: int = 0, guidance_scale: float | None = None, steps: int = 64,
-                 decoder: str = "stf", **kwargs) -> list:
+                 head: str = "stf", **kwargs) -> list:
         """Meshes (``list[trimesh.Trimesh]``, ``n`` per input, prompt-major); see :meth:`generate`."""
-        return self.generate(inputs, n=n, seed=seed, guidance_scale=guidance_scale, steps=steps, decoder=decoder,
+        return self.generate(inputs, n=n, seed=seed, guidance_scale=guidance_scale, steps=steps, head=head,
                              **kwargs).meshes
 
     @torch.no_grad()
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def extract_meshes(
-        self, latents: Tensor, *, decoder: str = "stf", grid_size: int = 128
-    ) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Latents ``[S, n_ctx, d]`` → per sample ``(verts [V, 3], faces [F, 3], sRGB colours [V, 3])`` (V = 0: no
-        surface). ``stf``: SDF 0-level + STF colours; ``nerf``: fine density at ``nerf_density_level`` + NeRF colours."""
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        latents = latents.to(self.device)
-        params = self.decoder.decode_params(latents)
-        if decoder == "stf":
-            level, density_key, rgb_key = 0.0, "sdf", "stf_rgb"  # SDF: positive inside (DESIGN.md)
-        else:
-            level, density_key, rgb_key = self.nerf_density_level, "density_fine", "nerf_rgb_fine"
-
-        def inside(points: Tensor) -> Tensor:  # [S, P, 3] -> [S, P], positive inside: MC extracts its 0 level
-            return self.decoder.query(params, points)[density_key] - level
-
-        def rgb(points: Tensor) -> Tensor:  # [S, P, 3] -> [S, P, 3] sRGB
-            return self.decoder.query(params, points)[rgb_key]
-
-        # SDF: exact values only near the surface (the same mesh, ~1/13 of the queries at 128³); the density has no
-        # slope bound that would make the band safe, so the NeRF decoder keeps the dense grid.
-        field = stf.query_grid(inside, latents.shape[0], grid_size, device=self.device,
-                               narrow_band=decoder == "stf")  # [S, G, G, G]
-        # A border of "outside" closes every mesh: −1 for the SDF (tanh-bounded, as stf.pad_grid), 0 − level for the
-        # density (empty space has density 0). The bounds grow by one voxel so vertices keep their world positions.
-        h = 2.0 / (grid_size - 1)
-        field = torch.nn.functional.pad(field, (1, 1, 1, 1, 1, 1), value=-1.0 if decoder == "stf" else -level)
-        meshes = stf.extract_meshes(field, (-1.0 - h, 1.0 + h), pad=False)
-        colors = stf.query_vertex_colors(rgb, [v for v, _ in meshes])
-        return [(v, f, c.clamp(0, 1)) for (v, f), c in zip(meshes, colors)]
+        self, latents: Tensor, *, head: str = "stf", grid_size: int = DEFAULT_GRID_SIZE
+    ) -> list[TensorMesh]:
+        """Latents ``[S, n_ctx, d]`` → per sample a :class:`~shapee.render.mesh.TensorMesh` ``(verts [V, 3],
+        faces [F, 3], sRGB colours [V, 3])`` (V = 0: no surface), by the transmitter's mesh path
+        (:meth:`Transmitter.extract_meshes`). ``stf``: SDF 0-level + STF colours; ``nerf``: fine density at
+        ``nerf_density_level`` + NeRF colours."""
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        return self.transmitter.extract_meshes(latents.to(self.device), head=head, grid_size=grid_size,
+                                           density_level=self.nerf_density_level)
 
     @torch.no_grad()
-    def finish_meshes(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *, decoder: str = "stf",
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
+    def finish_meshes(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *, head: str = "stf",
                       texture: int = 0, faces: int | None = None, texture_head: str | None = None) -> list:
         """The meshes of :meth:`extract_meshes` in export form (:func:`shapee.render.texture.bake_mesh`): decimated to
         ``faces`` (None: as extracted), then a UV atlas + ``texture²`` texture baked from the colour head
-        ``texture_head`` (``stf`` / ``nerf``; None: the decoder's head), or (``texture=0``) vertex colours re-queried
+        ``texture_head`` (``stf`` / ``nerf``; None: ``head``), or (``texture=0``) vertex colours re-queried
         at the decimated vertices. Returns ``trimesh.Trimesh`` per sample."""
-        from shapee.render.texture import bake_mesh, transmitter_colour_fn
+        from shapee.render.texture import bake_mesh
 
-        head = texture_head or decoder
+        colour_head = texture_head or head
         latents = latents.to(self.device)
-        return [bake_mesh(transmitter_colour_fn(self.decoder, latents[s], head), v, f, texture_size=texture,
+        return [bake_mesh(meshing.transmitter_colour_fn(self.transmitter, latents[s], colour_head), v, f, texture_size=texture,
                           target_faces=faces, device=self.device)
                 for s, (v, f, _) in enumerate(meshes)]
 
     @torch.no_grad()
+    @refuse_renamed_kwargs(decoder=DECODER_RENAMED)
     def render_turntables(self, latents: Tensor, meshes: Sequence[tuple[Tensor, Tensor, Tensor]], *,
-                          decoder: str = "stf", views: int = 20, resolution: int = 64) -> Tensor:
+                          head: str = "stf", views: int = 20, resolution: int = 64) -> Tensor:
         """Turntable frames ``[S, V, H, W, 3]`` uint8 sRGB on black, seen by the official notebooks' pan cameras
         (:func:`shapee.cameras.orbit_cameras`).
 
@@ -326,8 +295,8 @@ class _To3D(ABC):
         (vertex-coloured or textured, as :meth:`finish_meshes` makes them): those are rendered with their texture.
         """
         cameras = orbit_cameras(views, resolution=resolution, device=self.device)
-        if decoder == "nerf":
-            rgb = self.decoder.render_nerf(latents.to(self.device), cameras, deterministic=True)["rgb"]
+        if head == "nerf":
+            rgb = self.transmitter.render_nerf(latents.to(self.device), cameras, deterministic=True)["rgb"]
             return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [S, V, H, W, 3]
         from shapee.data.mesh import Mesh
         from shapee.data.render import render_views
@@ -354,7 +323,7 @@ class _To3D(ABC):
 class TextTo3D(_To3D):
     """Text → 3D: a text-conditional :class:`~shapee.models.LatentDiffusion` + a :class:`~shapee.models.Transmitter`.
 
-    ``TextTo3D.from_checkpoints(prior=..., decoder=...)("a red cube", n=2)`` → two ``trimesh.Trimesh``.
+    ``TextTo3D.from_checkpoints(prior=..., transmitter=...)("a red cube", n=2)`` → two ``trimesh.Trimesh``.
     """
 
     cond_mode = "text"
@@ -405,159 +374,3 @@ def _image_inputs(inputs) -> tuple[list, list[str]]:
         else:
             labels.append(f"image{i}")
     return images, labels
-
-
-# ------------------------------------------------------------------------------------------ scripts/sample.py
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (str, os.PathLike)):
-        return [value]
-    return list(value)
-
-
-def _atomic_save_latent(latent: Tensor, path: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"latent": latent.detach().float().cpu().contiguous()}, tmp, metadata=metadata)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp (and safetensors) leave 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _export_options(export: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``export.texture`` / ``export.faces`` / ``export.texture_head`` of ``configs/sample.yaml``, checked, as
-    :meth:`TextTo3D.generate` keywords."""
-    from shapee.render.texture import TEXTURE_HEADS
-
-    export = dict(export or {})
-    unknown = set(export) - {"texture", "faces", "texture_head"}
-    if unknown:
-        raise ValueError(f"unknown export options {sorted(unknown)}; known: texture, faces, texture_head")
-    texture, faces, head = export.get("texture") or 0, export.get("faces"), export.get("texture_head")
-    if isinstance(texture, bool) or not isinstance(texture, int) or not (texture == 0 or texture >= 2):
-        raise ValueError(f"export.texture must be 0 (vertex colours) or a texture size >= 2, got {texture!r}")
-    if faces is not None and (isinstance(faces, bool) or not isinstance(faces, int) or faces < 4):
-        raise ValueError(f"export.faces must be null (no decimation) or an integer >= 4, got {faces!r}")
-    if head is not None and head not in TEXTURE_HEADS:
-        raise ValueError(f"export.texture_head must be one of {list(TEXTURE_HEADS)} or null, got {head!r}")
-    return {"texture": texture, "faces": faces, "texture_head": head}
-
-
-def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Sample, decode and export assets as ``scripts/sample.py`` does: ``cfg`` holds fields of
-    :class:`shapee.settings.SampleConfig`, which states their defaults and meanings (an unknown key: ``ValueError``).
-
-    Per sample ``i`` of an input: ``<out>/<slug>_<i>.glb`` / ``.ply`` (``formats``; with ``export.texture``: a
-    textured GLB, and OBJ + ``.mtl`` + ``.png``), ``<slug>_<i>.gif`` (turntable,
-    ``render_views > 0``) and ``<slug>_<i>_latent.safetensors`` (``latent`` ``[n_ctx, d_latent]`` float32 + the
-    prompt, seed and settings as metadata); ``slug`` is the prompt's (or the image file's stem) in file-name form.
-
-    Returns ``{"files": [per sample {"source", "mesh_files", "gif", "latent"}], "timings": {part: seconds},
-    "out": folder}``.
-
-    Raises:
-        ValueError: no/both/empty prompt and image, bad options. FileNotFoundError: a missing image or checkpoint.
-        CheckpointError / EncoderLoadError / OfficialDownloadError: a checkpoint that cannot be used, naming it.
-    """
-    from shapee.io.gif import write_gif
-    from shapee.io.mesh import MESH_FORMATS, export_mesh
-
-    from shapee.settings import SampleConfig, merge_settings
-
-    s = merge_settings(SampleConfig, cfg)
-    prompts, images = _as_list(s.prompt), _as_list(s.image)
-    if bool(prompts) == bool(images):
-        raise ValueError('give exactly one of prompt="a red cube" (or a list of prompts) and image=<path>')
-    checkpoint = s.checkpoint
-    if checkpoint not in ("ours", "official"):
-        from shapee.io.diffusers_format import is_diffusers_folder
-
-        if not is_diffusers_folder(str(checkpoint)):
-            raise ValueError(
-                f"checkpoint must be 'ours', 'official' or a diffusers Shap-E folder (with prior/ and "
-                f"shap_e_renderer/), got {checkpoint!r}"
-            )
-        # Both models from the folder, unless one is given on its own.
-        s.prior = s.prior or str(checkpoint)
-        s.transmitter = s.transmitter or str(checkpoint)
-    formats = ["." + str(f).lower().lstrip(".") for f in s.formats]
-    unknown = [f for f in formats if f not in MESH_FORMATS]
-    if unknown:
-        raise ValueError(f"formats {unknown} are not mesh formats; supported: {list(MESH_FORMATS)}")
-    if s.out in (None, ""):
-        raise ValueError("out=<folder> is required")
-    export = _export_options(asdict(s.export))
-    out = Path(s.out)
-    pipeline_cls = TextTo3D if prompts else ImageTo3D
-    inputs = prompts if prompts else images
-    if images:
-        _image_inputs(images)  # missing image files fail here, before minutes of model loading
-
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    pipe = pipeline_cls.from_checkpoints(
-        prior=s.prior, decoder=s.transmitter, device=s.device, official=checkpoint == "official",
-        cache_dir=s.cache_dir,
-    )
-    if s.clip:
-        pipe.prior.use_clip(dict(s.clip))
-    timings["load"] = time.perf_counter() - t
-    generation = pipe.generate(
-        inputs, n=s.n, seed=s.seed, guidance_scale=s.guidance_scale, steps=s.steps, sampler=s.sampler,
-        decoder=s.head, grid_size=s.grid_size, render_views=s.render_views, render_resolution=s.render_resolution,
-        progress=bool(s.progress), cuda_graph=s.cuda_graph, **export,
-    )
-    timings.update(generation.timings)
-
-    t = time.perf_counter()
-    files, counters = [], {}
-    for k, (source, mesh) in enumerate(zip(generation.sources, generation.meshes)):
-        slug = slugify(source)
-        i = counters[slug] = counters.get(slug, -1) + 1  # same slug twice (repeated prompt): numbering goes on
-        stem = out / f"{slug}_{i}"
-        entry: dict[str, Any] = {"source": str(source), "vertices": len(mesh.vertices), "faces": len(mesh.faces)}
-        entry["mesh_files"] = [str(export_mesh(mesh, stem.with_suffix(fmt))) for fmt in formats]
-        if ".obj" in formats and getattr(mesh.visual, "kind", None) == "texture":  # the OBJ's material and texture
-            entry["mesh_files"] += [str(stem.with_suffix(".mtl")), str(stem.with_suffix(".png"))]
-        if generation.frames is not None:
-            entry["gif"] = str(write_gif(generation.frames[k].numpy(), stem.with_suffix(".gif"),
-                                         fps=s.gif_fps))
-        metadata = {"source": str(source), "seed": str(s.seed), "sample_index": str(k), "steps": str(s.steps),
-                    "guidance_scale": str(s.guidance_scale), "checkpoint": str(checkpoint), "prior": str(s.prior),
-                    "transmitter": str(s.transmitter)}
-        entry["latent"] = str(_atomic_save_latent(generation.latents[k], out / f"{slug}_{i}_latent.safetensors",
-                                                  metadata))
-        files.append(entry)
-    timings["export"] = time.perf_counter() - t
-    return {"out": str(out), "files": files, "timings": timings, "device": str(pipe.device)}
-
-
-def format_report(summary: Mapping[str, Any]) -> str:
-    """The text ``scripts/sample.py`` prints: the files per sample and a timing table."""
-    lines = []
-    for entry in summary["files"]:
-        lines.append(f"{entry['source']!r}: {entry['vertices']} vertices, {entry['faces']} faces")
-        for path in [*entry["mesh_files"], entry.get("gif"), entry["latent"]]:
-            if path:
-                lines.append(f"  wrote {path}")
-    names = {"load": "load checkpoints", "clip": "CLIP", "sampling": "sampling", "mesh": "decoding (mesh)",
-             "texture": "decimate + texture", "render": "decoding (turntable)", "export": "export"}
-    timings = summary["timings"]
-    width = max(len(v) for v in names.values())
-    lines.append(f"timings on {summary.get('device', '?')}:")
-    for key, label in names.items():
-        if key in timings:
-            lines.append(f"  {label:<{width}}  {timings[key]:8.2f} s")
-    total = sum(v for v in timings.values() if math.isfinite(v))
-    lines.append(f"  {'total':<{width}}  {total:8.2f} s")
-    return "\n".join(lines)

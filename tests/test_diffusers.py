@@ -153,7 +153,7 @@ def test_sample_with_a_diffusers_folder_gives_the_snapshots_latents_and_a_mesh(t
     from safetensors.torch import load_file
 
     import shapee.io
-    from shapee.pipeline import sample_assets
+    from shapee.sample import sample_assets
     from test_pipeline import save_box_decoder, save_prior
     from test_sample import sample_cfg
 

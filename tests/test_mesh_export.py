@@ -10,15 +10,16 @@ import trimesh
 
 from shapee.data.mesh import load_mesh
 from shapee.io.mesh import MESH_FORMATS, export_mesh
-from shapee.render import stf
+from shapee.render import grid as render_grid
+from shapee.render import mesh as render_mesh
 from shapee.render.lighting import linear_to_srgb, srgb_to_linear
 
 
 @pytest.fixture(scope="module")
 def mc_mesh() -> trimesh.Trimesh:
     """A Marching Cubes sphere with sRGB vertex colours spanning darks to brights (as latent_to_mesh makes them)."""
-    sdf = stf.query_grid(lambda p: 0.6 - p.norm(dim=-1), 1, 20)
-    (verts, faces), = stf.extract_meshes(sdf)
+    sdf = render_grid.query_grid(lambda p: 0.6 - p.norm(dim=-1), 1, 20)
+    (verts, faces), = render_mesh.extract_meshes(sdf)
     rgb = ((verts + 1) / 2).clamp(0, 1) ** 2  # [V, 3], many dark values
     rgba = torch.cat([rgb, torch.ones_like(rgb[:, :1])], -1)
     colors = (rgba * 255).round().to(torch.uint8).numpy()
@@ -106,8 +107,6 @@ def test_uppercase_suffix_and_mesh_without_colours(tmp_path, mc_mesh):
 
 @pytest.mark.parametrize("suffix", [".ply", ".obj", ".glb"])
 def test_empty_mesh_exports_without_crashing(tmp_path, suffix):
-    from shapee.render.stf import to_trimesh
-
-    empty = to_trimesh(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))
+    empty = render_mesh.to_trimesh(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))
     path = export_mesh(empty, tmp_path / f"empty{suffix}")
     assert path.exists() and path.stat().st_size > 0

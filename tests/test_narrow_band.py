@@ -1,4 +1,4 @@
-"""Narrow-band SDF grid (shapee.render.stf.query_grid_narrow_band): the same Marching Cubes mesh as the dense grid.
+"""Narrow-band SDF grid (shapee.render.grid.query_grid_narrow_band): the same Marching Cubes mesh as the dense grid.
 
 Equality is checked at 128³ (three levels: 33³ dense, then 65³ and 128³ in the band) on analytic fields, where a
 dense 128³ query is cheap, and at 64³ (two levels) through a tiny Transmitter and the differentiable renderer.
@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from shapee.models import Transmitter
+from shapee.models import Transmitter, meshing
+from shapee.render import grid as render_grid
+from shapee.render import mesh as render_mesh
 from shapee.render import stf
 
 G = 128
@@ -76,7 +78,8 @@ def assert_same_meshes(dense, narrow, bounds=(-1.0, 1.0)):
     """Same faces, vertices to float tolerance, for every asset of two grids ``[B, N, N, N]``."""
     assert dense.shape == narrow.shape
     assert torch.equal(dense > 0, narrow > 0)  # the right side of 0 everywhere
-    for (v1, f1), (v2, f2) in zip(stf.extract_meshes(dense, bounds), stf.extract_meshes(narrow, bounds)):
+    pairs = zip(render_mesh.extract_meshes(dense, bounds), render_mesh.extract_meshes(narrow, bounds))
+    for (v1, f1), (v2, f2) in pairs:
         assert f1.shape[0] > 0
         assert torch.equal(f1, f2)
         torch.testing.assert_close(v2, v1, rtol=0, atol=1e-6)
@@ -85,10 +88,10 @@ def assert_same_meshes(dense, narrow, bounds=(-1.0, 1.0)):
 # ---------------------------------------------------------------------------------------- equal to the dense grid
 def test_sphere_same_mesh_with_a_ninth_of_the_queries():
     fn, calls = counted(sphere)
-    narrow = stf.query_grid(fn, 1, G, narrow_band=True)
-    assert stf._band_sizes(G) == [128, 65, 33]
+    narrow = render_grid.query_grid(fn, 1, G, narrow_band=True)
+    assert render_grid._band_sizes(G) == [128, 65, 33]
     assert sum(calls) < 0.12 * G**3  # 237k of 2.1M points (r = 0.5; the query cost grows with the area)
-    dense = stf.query_grid(sphere, 1, G)
+    dense = render_grid.query_grid(sphere, 1, G)
     assert_same_meshes(dense, narrow)
     # Samples at the surface are exact; far away the fill has the right side but is not the field.
     near = dense.abs() < 0.02
@@ -99,45 +102,45 @@ def test_sphere_same_mesh_with_a_ninth_of_the_queries():
 def test_random_smooth_fields_as_a_batch():
     fields = [random_field(seed) for seed in range(3)]
     fn = per_asset(*fields)
-    narrow = stf.query_grid(fn, 3, G, narrow_band=True, chunk=50_000)
-    dense = stf.query_grid(fn, 3, G, chunk=None)
+    narrow = render_grid.query_grid(fn, 3, G, narrow_band=True, chunk=50_000)
+    dense = render_grid.query_grid(fn, 3, G, chunk=None)
     assert_same_meshes(dense, narrow)
     # Each asset alone gives the same grid as in the batch (its band does not depend on the others').
     for b, f in enumerate(fields):
-        alone = stf.query_grid(f, 1, G, narrow_band=True)
+        alone = render_grid.query_grid(f, 1, G, narrow_band=True)
         assert torch.equal(alone[0] > 0, narrow[b] > 0)
         near = dense[b].abs() < 0.02
         torch.testing.assert_close(alone[0][near], dense[b][near], rtol=0, atol=1e-6)
 
 
 def test_thin_torus_and_non_default_bounds_and_size():
-    assert_same_meshes(stf.query_grid(torus, 1, G), stf.query_grid(torus, 1, G, narrow_band=True))
+    assert_same_meshes(render_grid.query_grid(torus, 1, G), render_grid.query_grid(torus, 1, G, narrow_band=True))
     # An odd size and shifted bounds: the coarse levels reach a few voxels past hi (queried, then cropped).
     shifted = lambda p: torus(p - 1.0)  # noqa: E731
     bounds = (0.0, 2.0)
-    dense = stf.query_grid(shifted, 1, 101, bounds)
-    narrow = stf.query_grid(shifted, 1, 101, bounds, narrow_band=True)
-    assert stf._band_sizes(101) == [101, 51]
+    dense = render_grid.query_grid(shifted, 1, 101, bounds)
+    narrow = render_grid.query_grid(shifted, 1, 101, bounds, narrow_band=True)
+    assert render_grid._band_sizes(101) == [101, 51]
     assert_same_meshes(dense, narrow, bounds)
 
 
 def test_field_positive_on_the_boundary_and_grid_too_small_to_narrow():
     big = lambda p: sphere(p, 1.3)  # noqa: E731  (closed by the −1 padding)
-    assert_same_meshes(stf.query_grid(big, 1, G), stf.query_grid(big, 1, G, narrow_band=True))
+    assert_same_meshes(render_grid.query_grid(big, 1, G), render_grid.query_grid(big, 1, G, narrow_band=True))
     fn, calls = counted(sphere)
-    small = stf.query_grid(fn, 2, 24, narrow_band=True)  # below two levels: the dense grid itself
-    assert sum(calls) == 2 * 24**3 and torch.equal(small, stf.query_grid(sphere, 2, 24))
+    small = render_grid.query_grid(fn, 2, 24, narrow_band=True)  # below two levels: the dense grid itself
+    assert sum(calls) == 2 * 24**3 and torch.equal(small, render_grid.query_grid(sphere, 2, 24))
 
 
 def test_empty_field_costs_only_the_coarse_grid():
     fn, calls = counted(lambda p: torch.full(p.shape[:2], -0.5))
-    narrow = stf.query_grid(fn, 2, G, narrow_band=True)
+    narrow = render_grid.query_grid(fn, 2, G, narrow_band=True)
     assert sum(calls) == 2 * 33**3
     assert bool((narrow < 0).all())
-    assert all(f.shape[0] == 0 for _, f in stf.extract_meshes(narrow))
+    assert all(f.shape[0] == 0 for _, f in render_mesh.extract_meshes(narrow))
     # One asset empty, one not: the batch still works and the empty one stays empty.
-    mixed = stf.query_grid(per_asset(lambda p: torch.full(p.shape[:2], -0.5), sphere), 2, G, narrow_band=True)
-    (v0, f0), (v1, f1) = stf.extract_meshes(mixed)
+    mixed = render_grid.query_grid(per_asset(lambda p: torch.full(p.shape[:2], -0.5), sphere), 2, G, narrow_band=True)
+    (v0, f0), (v1, f1) = render_mesh.extract_meshes(mixed)
     assert f0.shape[0] == 0 and f1.shape[0] > 0
 
 
@@ -151,31 +154,32 @@ def test_what_the_band_cannot_see():
         d2 = (p - torch.tensor(center)).square().sum(-1)
         return -0.5 + torch.exp(-d2 / (1.5 * h) ** 2)
 
-    (_, f_dense), = stf.extract_meshes(stf.query_grid(bump, 1, G))
-    (_, f_narrow), = stf.extract_meshes(stf.query_grid(bump, 1, G, narrow_band=True))
+    (_, f_dense), = render_mesh.extract_meshes(render_grid.query_grid(bump, 1, G))
+    (_, f_narrow), = render_mesh.extract_meshes(render_grid.query_grid(bump, 1, G, narrow_band=True))
     assert f_dense.shape[0] > 0 and f_narrow.shape[0] == 0
-    assert_same_meshes(stf.query_grid(bump, 1, G), stf.query_grid(bump, 1, G, narrow_band=True, band_width=8.0))
+    wide = render_grid.query_grid(bump, 1, G, narrow_band=True, band_width=8.0)
+    assert_same_meshes(render_grid.query_grid(bump, 1, G), wide)
 
 
 def test_bad_band_arguments():
     with pytest.raises(ValueError, match="band_width"):
-        stf.query_grid(sphere, 1, 64, narrow_band=True, band_width=0.0)
+        render_grid.query_grid(sphere, 1, 64, narrow_band=True, band_width=0.0)
     with pytest.raises(ValueError, match="band_dilation"):
-        stf.query_grid(sphere, 1, 64, narrow_band=True, band_dilation=-1)
+        render_grid.query_grid(sphere, 1, 64, narrow_band=True, band_dilation=-1)
     with pytest.raises(ValueError, match="query_fn must map points"):
-        stf.query_grid(lambda p: p[..., :2], 1, 64, narrow_band=True)
+        render_grid.query_grid(lambda p: p[..., :2], 1, 64, narrow_band=True)
     with pytest.raises(ValueError, match="batch_size"):
-        stf.query_grid(sphere, 0, 64, narrow_band=True)
+        render_grid.query_grid(sphere, 0, 64, narrow_band=True)
 
 
 def test_default_chunk_per_device():
-    assert stf.default_chunk("cpu") == 4096 and stf.default_chunk(None) == 4096
-    assert stf.default_chunk("cuda") == 2**16
+    assert render_grid.default_chunk("cpu") == 4096 and render_grid.default_chunk(None) == 4096
+    assert render_grid.default_chunk("cuda") == 2**16
     fn, calls = counted(sphere)
-    stf.query_grid(fn, 1, 20)
+    render_grid.query_grid(fn, 1, 20)
     assert max(calls) == 4096 and sum(calls) == 20**3
     with pytest.raises(ValueError, match="chunk"):
-        stf.query_grid(sphere, 1, 20, chunk="big")
+        render_grid.query_grid(sphere, 1, 20, chunk="big")
 
 
 # -------------------------------------------------------------------------------------- through a Transmitter
@@ -207,8 +211,8 @@ def test_transmitter_meshes_equal_dense():
     t = WithSphere(tiny_transmitter())
     g = torch.Generator().manual_seed(3)
     latent = torch.randn(2, t.encoder.latent_ctx, t.encoder.d_latent, generator=g).tanh()
-    narrow = stf.latent_to_mesh(t, latent, grid_size=64)
-    dense = stf.latent_to_mesh(t, latent, grid_size=64, narrow_band=False)
+    narrow = meshing.latent_to_mesh(t, latent, grid_size=64)
+    dense = meshing.latent_to_mesh(t, latent, grid_size=64, narrow_band=False)
     for a, b in zip(narrow, dense):
         assert len(b.faces) > 1000
         assert (a.faces == b.faces).all()

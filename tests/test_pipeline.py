@@ -21,7 +21,8 @@ from shapee.io import CheckpointError, OfficialCheckpointError
 from shapee.io import download
 from shapee.io.download import OFFICIAL_FILES, OfficialDownloadError, OfficialFile, fetch_official
 from shapee.models import LatentDiffusion, Transmitter
-from shapee.pipeline import ImageTo3D, TextTo3D, load_prior, slugify
+from shapee.pipeline import ImageTo3D, TextTo3D, load_prior
+from shapee.sample import slugify
 from shapee.train.extract import EncoderLoadError
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -72,7 +73,7 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(ckpts):
-    return TextTo3D.from_checkpoints(prior=ckpts["prior"], decoder=ckpts["decoder"], device="cpu")
+    return TextTo3D.from_checkpoints(prior=ckpts["prior"], transmitter=ckpts["decoder"], device="cpu")
 
 
 def _assert_box(mesh, grid_size: int) -> None:
@@ -89,9 +90,9 @@ def test_text_to_3d_meshes_are_the_decoded_surface_with_field_colours(pipe):
     assert len(result.meshes) == 4 and set(result.timings) == {"clip", "sampling", "mesh"}
     for latent, mesh in zip(result.latents, result.meshes):
         _assert_box(mesh, 12)
-        params = pipe.decoder.decode_params(latent[None])
+        params = pipe.transmitter.decode_params(latent[None])
         verts = torch.as_tensor(mesh.vertices, dtype=torch.float32)[None]  # [1, V, 3]
-        want = (pipe.decoder.query(params, verts)["stf_rgb"][0] * 255).round()  # [V, 3]
+        want = (pipe.transmitter.query(params, verts)["stf_rgb"][0] * 255).round()  # [V, 3]
         got = torch.as_tensor(mesh.visual.vertex_colors[:, :3], dtype=torch.float32)
         assert (got - want).abs().max() <= 1.0  # sRGB STF colours, 8-bit
     # Different latents decode to different colours (the decoder really reads each latent).
@@ -112,19 +113,44 @@ def test_call_returns_meshes_and_seed_fixes_the_samples(pipe):
 
 
 def test_nerf_decoder_and_turntables(pipe):
-    nerf = pipe.generate("a red cube", steps=2, decoder="nerf", grid_size=10, render_views=3, render_resolution=16)
+    nerf = pipe.generate("a red cube", steps=2, head="nerf", grid_size=10, render_views=3, render_resolution=16)
     bounds, h = nerf.meshes[0].bounds, 2.0 / 9
     # density ≈ 60 inside, 0 beyond the grid: the level-10 crossing sits at 1 + h·(60 − 10)/60 ≈ 1 + 0.83 h
     assert nerf.meshes[0].is_watertight and ((np.abs(bounds) > 1 + 0.7 * h) & (np.abs(bounds) < 1 + 0.95 * h)).all()
     assert nerf.frames.shape == (1, 3, 16, 16, 3) and nerf.frames.dtype == torch.uint8
     assert nerf.frames.float().mean() > 5  # a dense box: opaque, not the black background
-    stf_run = pipe.generate("a red cube", steps=2, decoder="stf", grid_size=10, render_views=3, render_resolution=16)
+    stf_run = pipe.generate("a red cube", steps=2, head="stf", grid_size=10, render_views=3, render_resolution=16)
     frames = stf_run.frames[0].float()  # [V, H, W, 3]
     assert frames.mean() > 5 and (frames[0] - frames[1]).abs().max() > 0  # lit box, different views
     assert (frames[:, 0, 0] == 0).all()  # the box (half-side ~1.1) seen from distance 4 leaves the corners black
     assert "render" in stf_run.timings
-    with pytest.raises(ValueError, match="decoder must be one of"):
-        pipe.generate("a red cube", decoder="mesh")
+    with pytest.raises(ValueError, match="head must be one of"):
+        pipe.generate("a red cube", head="mesh")
+
+
+def test_pipeline_meshes_are_the_transmitters_mesh_path(pipe):
+    latents = pipe.generate("a red cube", n=2, seed=1, steps=2, grid_size=10).latents  # [2, 128, 64]
+    for head in ("stf", "nerf"):
+        ours = [m.to_trimesh() for m in pipe.extract_meshes(latents, head=head, grid_size=10)]
+        theirs = pipe.transmitter.to_mesh(latents, grid_size=10, head=head, narrow_band=head == "stf")
+        assert len(ours) == len(theirs) == 2 and len(ours[0].faces) > 0
+        for a, b in zip(ours, theirs):
+            assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)
+            assert np.array_equal(a.visual.vertex_colors, b.visual.vertex_colors)
+
+
+def test_old_decoder_keyword_is_refused_in_one_line(pipe, ckpts):
+    calls = [
+        lambda: TextTo3D.from_checkpoints(prior=ckpts["prior"], decoder=ckpts["decoder"], device="cpu"),
+        lambda: pipe.generate("a red cube", decoder="nerf"),
+        lambda: pipe("a red cube", decoder="stf"),
+        lambda: pipe.extract_meshes(torch.zeros(1, 128, 64), decoder="stf"),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"decoder= was renamed: use transmitter= for the checkpoint / head= for"
+                                            r" stf\|nerf") as error:
+            call()
+        assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", [], ["a red cube", ""], None])
@@ -145,7 +171,7 @@ def test_image_to_3d(ckpts, tmp_path):
 
     image = tmp_path / "red.png"
     Image.fromarray(np.full((40, 40, 3), (200, 20, 20), np.uint8)).save(image)
-    pipe = ImageTo3D.from_checkpoints(prior=ckpts["image_prior"], decoder=ckpts["decoder"], device="cpu")
+    pipe = ImageTo3D.from_checkpoints(prior=ckpts["image_prior"], transmitter=ckpts["decoder"], device="cpu")
     result = pipe.generate([str(image), np.zeros((32, 32, 3), np.uint8)], steps=2, grid_size=8)
     assert result.sources == ["red", "image1"] and result.latents.shape == (2, 128, 64)
     assert not torch.equal(result.latents[0], result.latents[1])  # different images, different conditioning
@@ -156,23 +182,23 @@ def test_image_to_3d(ckpts, tmp_path):
 
 def test_mismatched_or_wrong_checkpoints_get_clear_errors(ckpts, tmp_path):
     with pytest.raises(ValueError, match=r"prior makes latents \[128, 32\].*decodes latents \[128, 64\]"):
-        TextTo3D.from_checkpoints(prior=ckpts["narrow_prior"], decoder=ckpts["decoder"], device="cpu")
+        TextTo3D.from_checkpoints(prior=ckpts["narrow_prior"], transmitter=ckpts["decoder"], device="cpu")
     with pytest.raises(ValueError, match="needs a text-conditional prior.*ImageTo3D"):
-        TextTo3D.from_checkpoints(prior=ckpts["image_prior"], decoder=ckpts["decoder"], device="cpu")
+        TextTo3D.from_checkpoints(prior=ckpts["image_prior"], transmitter=ckpts["decoder"], device="cpu")
     with pytest.raises(FileNotFoundError, match="missing_prior.pt"):
-        TextTo3D.from_checkpoints(prior=tmp_path / "missing_prior.pt", decoder=ckpts["decoder"])
+        TextTo3D.from_checkpoints(prior=tmp_path / "missing_prior.pt", transmitter=ckpts["decoder"])
     with pytest.raises(FileNotFoundError, match="missing_decoder.pt"):
-        TextTo3D.from_checkpoints(prior=ckpts["prior"], decoder=tmp_path / "missing_decoder.pt")
+        TextTo3D.from_checkpoints(prior=ckpts["prior"], transmitter=tmp_path / "missing_decoder.pt")
     with pytest.raises(CheckpointError, match="not a shapee.models.LatentDiffusion"):
-        TextTo3D.from_checkpoints(prior=ckpts["decoder"], decoder=ckpts["decoder"])  # swapped
+        TextTo3D.from_checkpoints(prior=ckpts["decoder"], transmitter=ckpts["decoder"])  # swapped
     with pytest.raises(EncoderLoadError, match="not a shapee.models.Transmitter"):
-        TextTo3D.from_checkpoints(prior=ckpts["prior"], decoder=ckpts["prior"])
+        TextTo3D.from_checkpoints(prior=ckpts["prior"], transmitter=ckpts["prior"])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.pt"):
         load_prior(garbage)
     with pytest.raises(ValueError, match="prior not given"):
-        TextTo3D.from_checkpoints(decoder=ckpts["decoder"])
+        TextTo3D.from_checkpoints(transmitter=ckpts["decoder"])
 
 
 def test_prior_from_a_full_training_checkpoint_uses_its_ema(ckpts, tmp_path):
@@ -193,13 +219,13 @@ def test_released_layout_prior_of_another_size_loads_with_its_own_sizes(ckpts, t
 
     tiny = shapee.io.load(ckpts["prior"])
     path = save_official_prior(tiny, tmp_path / "text_cond.pt")  # tiny weights under the official keys
-    pipe = TextTo3D.from_checkpoints(prior=path, decoder=ckpts["decoder"], device="cpu")
+    pipe = TextTo3D.from_checkpoints(prior=path, transmitter=ckpts["decoder"], device="cpu")
     loaded = pipe.prior.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in tiny.state_dict().items())
     broken = {k: v for k, v in torch.load(path, weights_only=True).items() if "backbone.resblocks.0.ln_1" not in k}
     torch.save(broken, tmp_path / "broken.pt")
     with pytest.raises(OfficialCheckpointError, match="missing"):
-        TextTo3D.from_checkpoints(prior=tmp_path / "broken.pt", decoder=ckpts["decoder"], device="cpu")
+        TextTo3D.from_checkpoints(prior=tmp_path / "broken.pt", transmitter=ckpts["decoder"], device="cpu")
 
 
 def test_official_weights_offline_name_file_path_and_url(tmp_path):

@@ -121,7 +121,7 @@ def chain(tmp_path_factory) -> dict:
             "num_workers=0"]), resolve=True))
         prior_metrics = step("prior", train_diffusion, _compose(
             "train_diffusion", [*PRIOR, f"data.root={latents}", f"run_dir={out / 'prior'}"]))
-        pipe = TextTo3D.from_checkpoints(prior=prior, decoder=encoder, device="cpu")
+        pipe = TextTo3D.from_checkpoints(prior=prior, transmitter=encoder, device="cpu")
         generation = step("sample", lambda: pipe.generate(
             PROMPTS, n=N_SAMPLES, seed=SEED, guidance_scale=GUIDANCE, steps=SAMPLER_STEPS, grid_size=GRID,
             render_views=0))
@@ -152,9 +152,7 @@ def test_random_weight_clip_tells_the_prompts_apart(chain):
 
 def test_encoder_meshes_are_recognisable(chain, references):
     # The decoder side first: the training latents themselves decode to their own shape and colour.
-    from shapee.pipeline import _to_trimesh
-
-    meshes = [_to_trimesh(v, f, c) for v, f, c in chain["recon"]]
+    meshes = [m.to_trimesh() for m in chain["recon"]]
     result = toy_match_rate(meshes, [a.captions[0] for a in WORLD], references)
     print("\nencoder reconstructions: " + format_toy_match(result))
     assert result["n_empty"] == 0

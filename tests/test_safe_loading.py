@@ -152,7 +152,7 @@ def test_every_loader_refuses_side_effect_targets_at_every_depth(legit, tmp_path
     path, key = tamper(src, tmp_path / "evil.pt", place, payload)
     with pytest.raises(CheckpointError) as excinfo:
         if load is None:
-            TextTo3D.from_checkpoints(prior=path, decoder=legit["transmitter"], device="cpu")
+            TextTo3D.from_checkpoints(prior=path, transmitter=legit["transmitter"], device="cpu")
         else:
             load(path)
     assert_refused(excinfo, path, key, payload, victims)

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from _tiny_data import REPO, one_torch_thread, run_script
 from shapee.io import CheckpointError
 from shapee.io.download import OfficialDownloadError
-from shapee.pipeline import TextTo3D, format_report, sample_assets
+from shapee.pipeline import TextTo3D
+from shapee.sample import format_report, sample_assets
 from shapee.settings import register_sample_config
 from test_pipeline import save_box_decoder, save_prior
 
@@ -64,7 +65,7 @@ def test_library_function_writes_meshes_gifs_and_latents(ckpts, tmp_path):
     assert {"load", "clip", "sampling", "mesh", "render", "export"} <= set(summary["timings"])
 
     # The latents on disk are the pipeline's latents for the same seed.
-    pipe = TextTo3D.from_checkpoints(prior=ckpts["prior"], decoder=ckpts["decoder"], device="cpu")
+    pipe = TextTo3D.from_checkpoints(prior=ckpts["prior"], transmitter=ckpts["decoder"], device="cpu")
     again = pipe.generate(["a red cube", "A red cube!", "a blue ball"], n=2, seed=5, steps=2, grid_size=10)
     for s, entry in enumerate(summary["files"]):
         with safe_open(entry["latent"], "pt") as f:
@@ -109,7 +110,7 @@ def test_image_prior(ckpts, tmp_path):
         (["prompt=a chair", "prior=/nonexistent/prior.pt"], FileNotFoundError, "/nonexistent/prior.pt"),
         (["prompt=a chair", "transmitter=/nonexistent/enc.pt"], FileNotFoundError, "/nonexistent/enc.pt"),
         (["prompt=a chair", "checkpoint=theirs"], ValueError, "checkpoint must be"),
-        (["prompt=a chair", "head=voxels"], ValueError, "decoder must be one of"),
+        (["prompt=a chair", "head=voxels"], ValueError, "head must be one of"),
         (["prompt=a chair", "formats=[fbx]"], ValueError, "not mesh formats"),
     ],
 )

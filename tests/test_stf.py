@@ -1,4 +1,5 @@
-"""shapee.render.stf (SDF grid → MC33 → vertex colours → soft PyTorch3D render) and the STF fine-tuning loss.
+"""shapee.render.grid / mesh / stf (SDF grid → MC33 → vertex colours → soft PyTorch3D render), the transmitter
+glue of shapee.models.meshing, and the STF fine-tuning loss.
 
 Small grids (24–32³) and images (48²) keep this CPU-only file fast; the reference renders come from the dataset
 renderer (shapee.data.render, Embree ray casting) with the same cameras.
@@ -14,8 +15,10 @@ from scipy.ndimage import binary_erosion
 from shapee.cameras import BLENDER_FOV, Cameras, orbit_cameras, random_cameras
 from shapee.data.mesh import Mesh
 from shapee.data.render import render_views
-from shapee.models import Transmitter
+from shapee.models import Transmitter, meshing
 from shapee.models.stf_losses import rgba, stf_finetune_loss
+from shapee.render import grid as render_grid
+from shapee.render import mesh as render_mesh
 from shapee.render import stf
 
 HALF_BOX = torch.tensor([0.45, 0.3, 0.35])
@@ -77,7 +80,7 @@ class SphereOffsetTransmitter:
 # ------------------------------------------------------------------------------------------------- the grid
 def test_grid_points_layout_and_chunking():
     n = 5
-    pts = stf.grid_points(n, (-1.0, 3.0))
+    pts = render_grid.grid_points(n, (-1.0, 3.0))
     assert pts.shape == (n, n, n, 3)
     assert torch.allclose(pts[0, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))
     assert torch.allclose(pts[-1, -1, -1], torch.tensor([3.0, 3.0, 3.0]))
@@ -88,8 +91,8 @@ def test_grid_points_layout_and_chunking():
         calls.append(p.shape[1])
         return p[..., 0] + 10 * p[..., 1] + 100 * p[..., 2] + torch.arange(p.shape[0])[:, None]  # [B, P]
 
-    whole = stf.query_grid(fn, 2, n, (-1.0, 3.0), chunk=None)
-    chunked = stf.query_grid(fn, 2, n, (-1.0, 3.0), chunk=7)
+    whole = render_grid.query_grid(fn, 2, n, (-1.0, 3.0), chunk=None)
+    chunked = render_grid.query_grid(fn, 2, n, (-1.0, 3.0), chunk=7)
     assert calls[0] == n**3 and max(calls[1:]) == 7 and sum(calls[1:]) == n**3
     assert torch.equal(whole, chunked)
     expected = pts[..., 0] + 10 * pts[..., 1] + 100 * pts[..., 2]
@@ -98,28 +101,28 @@ def test_grid_points_layout_and_chunking():
 
 def test_query_grid_and_pad_reject_bad_input():
     with pytest.raises(ValueError, match="query_fn must map points"):
-        stf.query_grid(lambda p: p[..., :2], 1, 4)
+        render_grid.query_grid(lambda p: p[..., :2], 1, 4)
     with pytest.raises(ValueError, match="batch_size"):
-        stf.query_grid(sphere_sdf, 0, 4)
+        render_grid.query_grid(sphere_sdf, 0, 4)
     with pytest.raises(ValueError, match="bounds"):
-        stf.query_grid(sphere_sdf, 1, 4, (1.0, -1.0))
+        render_grid.query_grid(sphere_sdf, 1, 4, (1.0, -1.0))
     with pytest.raises(ValueError, match=r"\[B, N, N, N\]"):
-        stf.pad_grid(torch.zeros(4, 4, 4))
+        render_grid.pad_grid(torch.zeros(4, 4, 4))
 
 
 def test_sphere_mesh_has_true_scale_and_is_closed():
     G = 24
     h = 2.0 / (G - 1)
-    sdf = stf.query_grid(sphere_sdf, 1, G)
-    padded, bounds = stf.pad_grid(sdf)
+    sdf = render_grid.query_grid(sphere_sdf, 1, G)
+    padded, bounds = render_grid.pad_grid(sdf)
     assert padded.shape == (1, G + 2, G + 2, G + 2) and bool((padded[:, 0] == -1).all())
     assert bounds == pytest.approx((-1 - h, 1 + h))  # same voxel size: samples keep their world positions
-    (verts, faces), = stf.extract_meshes(sdf)
+    (verts, faces), = render_mesh.extract_meshes(sdf)
     radius = verts.norm(dim=-1)
     assert (radius - 0.5).abs().max() < h / 2  # no 127/129-style shrink (that would be 0.5·2/25 ≈ 0.04 too small)
     assert trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False).is_watertight
     # A field positive on the box boundary is closed by the −1 border, at most one voxel outside the box.
-    (verts, faces), = stf.extract_meshes(stf.query_grid(lambda p: sphere_sdf(p, 1.3), 1, G))
+    (verts, faces), = render_mesh.extract_meshes(render_grid.query_grid(lambda p: sphere_sdf(p, 1.3), 1, G))
     assert trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False).is_watertight
     assert 1.0 < verts.abs().max() <= 1 + h
 
@@ -156,8 +159,8 @@ def test_render_matches_dataset_renderer(sdf_fn):
 # --------------------------------------------------------------------------------------------- gradients
 def test_gradients_reach_field_values_and_colours():
     cams = views(n=1, size=32)
-    sdf = stf.query_grid(sphere_sdf, 1, 24).requires_grad_(True)
-    (verts, faces), = stf.extract_meshes(sdf)
+    sdf = render_grid.query_grid(sphere_sdf, 1, 24).requires_grad_(True)
+    (verts, faces), = render_mesh.extract_meshes(sdf)
     colors = torch.full_like(verts, 0.6).requires_grad_(True)
     out = stf.render_meshes([verts], [faces], [colors], [cams])
     target = torch.zeros_like(out["rgb"])
@@ -194,7 +197,7 @@ def test_soft_alpha_gradient_has_the_right_sign():
 def test_gradient_reaches_the_latent_of_a_tiny_transmitter():
     t = tiny_transmitter()
     latent = tiny_latent(t).requires_grad_(True)
-    sdf_fn, rgb_fn = stf.transmitter_fields(t, latent)
+    sdf_fn, rgb_fn = meshing.transmitter_fields(t, latent)
     out = stf.render_stf(lambda p: sdf_fn(p) + sphere_sdf(p), rgb_fn, [views(n=1, size=32)], grid_size=16)
     assert bool(out["mesh_mask"].all())
     target_rgb, target_alpha = torch.rand_like(out["rgb"]), torch.ones_like(out["alpha"])
@@ -211,7 +214,7 @@ def test_surface_grad_samples_give_the_dense_gradients_from_a_fraction_of_the_qu
     grads, images, tracked = {}, {}, {}
     for mode in ("all", "surface"):
         latent = tiny_latent(t, B=2, seed=3).requires_grad_(True)
-        sdf_fn, rgb_fn = stf.transmitter_fields(t, latent)
+        sdf_fn, rgb_fn = meshing.transmitter_fields(t, latent)
         points_with_grad = []
 
         def field(p):
@@ -228,7 +231,7 @@ def test_surface_grad_samples_give_the_dense_gradients_from_a_fraction_of_the_qu
     torch.testing.assert_close(grads["surface"], grads["all"], rtol=1e-3, atol=1e-6)
     assert tracked["all"] == 2 * 24**3 and 0 < tracked["surface"] < 0.3 * tracked["all"]
     with pytest.raises(ValueError, match="grad_samples"):
-        stf.query_grid(sphere_sdf, 1, 8, grad_samples="some")
+        render_grid.query_grid(sphere_sdf, 1, 8, grad_samples="some")
 
 
 def test_render_under_bf16_autocast_runs_in_fp32():
@@ -271,7 +274,7 @@ def test_all_outside_transmitter_gives_every_parameter_a_gradient():
     """DDP needs a gradient for every parameter even when no asset of the batch has a surface (reference §4.2)."""
     t = tiny_transmitter()
     latent = tiny_latent(t, B=2).requires_grad_(True)
-    out = stf.render_latents(t, latent, views(n=1, size=32), grid_size=12)  # init SDF ≈ −0.1 everywhere
+    out = meshing.render_latents(t, latent, views(n=1, size=32), grid_size=12)  # init SDF ≈ −0.1 everywhere
     assert out["mesh_mask"].tolist() == [False, False]
     assert out["alpha"].abs().max() == 0
     out["rgb"].sum().backward()
@@ -285,7 +288,7 @@ def test_all_outside_transmitter_gives_every_parameter_a_gradient():
 def test_latent_to_mesh_has_srgb_vertex_colours_at_true_scale():
     t = SphereOffsetTransmitter(tiny_transmitter())
     latent = tiny_latent(t.t, B=2)
-    meshes = stf.latent_to_mesh(t, latent, grid_size=20)
+    meshes = meshing.latent_to_mesh(t, latent, grid_size=20)
     assert len(meshes) == 2 and all(isinstance(m, trimesh.Trimesh) for m in meshes)
     mesh = meshes[1]
     colors = mesh.visual.vertex_colors
@@ -299,9 +302,9 @@ def test_latent_to_mesh_has_srgb_vertex_colours_at_true_scale():
     assert np.abs(field["sdf"][0].numpy()).max() < 0.05  # vertices sit on the zero level
     assert mesh.is_watertight
     # one latent without the batch axis
-    assert len(stf.latent_to_mesh(t, latent[0], grid_size=12)) == 1
+    assert len(meshing.latent_to_mesh(t, latent[0], grid_size=12)) == 1
     with pytest.raises(ValueError, match="latent must have shape"):
-        stf.latent_to_mesh(t, latent[:, :5], grid_size=12)
+        meshing.latent_to_mesh(t, latent[:, :5], grid_size=12)
 
 
 def test_render_meshes_rejects_bad_input():

@@ -253,7 +253,7 @@ def test_sample_script_options_write_textured_assets(tmp_path, box_decoder):
     from test_pipeline import save_prior
     from test_sample import sample_cfg
 
-    from shapee.pipeline import sample_assets
+    from shapee.sample import sample_assets
 
     prior = save_prior(tmp_path / "prior.pt")
     cfg = sample_cfg("prompt=a red cube", f"prior={prior}", f"transmitter={box_decoder}", f"out={tmp_path / 'out'}",
@@ -298,9 +298,9 @@ def test_pipeline_turntables_show_the_textured_mesh(tmp_path, box_decoder):
 
     from shapee.pipeline import TextTo3D
 
-    pipe = TextTo3D.from_checkpoints(prior=save_prior(tmp_path / "prior.pt"), decoder=box_decoder, device="cpu")
+    pipe = TextTo3D.from_checkpoints(prior=save_prior(tmp_path / "prior.pt"), transmitter=box_decoder, device="cpu")
     with torch.no_grad():  # a reddish STF colour (the tiny random field is ~0.5 grey everywhere otherwise)
-        pipe.decoder.nerstf.mlp[-1].bias[3:6] = torch.tensor([2.0, -2.0, 0.0])
+        pipe.transmitter.nerstf.mlp[-1].bias[3:6] = torch.tensor([2.0, -2.0, 0.0])
     kwargs = dict(steps=2, grid_size=10, render_views=3, render_resolution=24, seed=1)
     plain = pipe.generate("a red cube", **kwargs)
     textured = pipe.generate("a red cube", texture=64, faces=40, **kwargs)

@@ -61,7 +61,7 @@ def test_image_prior_trains_and_eval_renders_turntables(data, tmp_path):
     prior = shapee.io.load(tmp_path / "run" / "checkpoints" / "snapshot.pt")
     decoder = shapee.io.load(data["decoder"])
     out = prior_eval_fn(LatentDataset(data["image"], cond="image"), n_assets=2, n_per_cond=1, steps=2,
-                        decoder=decoder, render_views=3, render_resolution=16)(prior, 0)
+                        transmitter=decoder, render_views=3, render_resolution=16)(prior, 0)
     assert out["images/turntable"].shape == (2 * 16, 3 * 16, 3) and out["images/turntable"].dtype.name == "uint8"
     again = prior_eval_fn(LatentDataset(data["image"], cond="image"), n_assets=2, steps=2)(prior, 0)
     assert again["sample_std"] == out["sample_std"]  # fixed seed: the same samples at every evaluation

@@ -69,9 +69,13 @@ def test_finetune_stage_adds_the_mesh_render_loss_and_exports_meshes(tmp_path):
     assert model.encoder.output_proj.weight.grad is not None  # the mesh render reaches the encoder
     with torch.no_grad():
         latent = model.encode(make_batch())
-    mesh = model.to_mesh(latent[:1], grid_size=12)
+    mesh = model.to_mesh(latent[0], grid_size=12)  # one latent [n_ctx, d]: one mesh
     meshes = model.to_mesh(latent, grid_size=12)
     assert isinstance(meshes, list) and len(meshes) == 2
+    assert isinstance(model.to_mesh(latent[:1], grid_size=12), list)  # the rank decides, not the batch size
+    flat = model.to_mesh(latent.flatten(1), grid_size=12)  # [B, n_ctx·d], as the params projection takes it
+    assert [m.vertices.tolist() for m in flat] == [m.vertices.tolist() for m in meshes]
+    assert model.to_mesh(latent[0]).vertices.tolist() == model.to_mesh(latent[0], grid_size=12).vertices.tolist()
     assert mesh.visual.vertex_colors.shape[0] == len(mesh.vertices)
 
 

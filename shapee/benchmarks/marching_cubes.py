@@ -15,9 +15,10 @@ from torch import Tensor
 
 from shapee.benchmarks.common import count_ops
 from shapee.render.mc33 import marching_cubes
+from shapee.render.grid import DEFAULT_GRID_SIZE
 
 
-def benchmark_field(grid_size: int = 128, seed: int = 0) -> Tensor:
+def benchmark_field(grid_size: int = DEFAULT_GRID_SIZE, seed: int = 0) -> Tensor:
     """A smooth test field ``[N, N, N]`` (float32) on [-1, 1]³: a sphere, a torus and random bumps, negative outside.
 
     The surface crosses about as many cubes as a typical decoded object (a few percent of the grid).
@@ -46,7 +47,7 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def benchmark_marching_cubes(
-    grid_size: int = 128, repeats: int = 3, device: str = "cpu", num_threads: int | None = None, batch: int = 1
+    grid_size: int = DEFAULT_GRID_SIZE, repeats: int = 3, device: str = "cpu", num_threads: int | None = None, batch: int = 1
 ) -> dict[str, float]:
     """Time ours vs scikit-image on :func:`benchmark_field` (best of ``repeats``; tables generated beforehand).
 

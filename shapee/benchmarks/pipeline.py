@@ -18,6 +18,7 @@ import time
 import torch
 
 from shapee.benchmarks.common import machine, resolve_device, sync
+from shapee.render.grid import DEFAULT_GRID_SIZE
 
 STEPS_OFFICIAL = 64
 
@@ -26,7 +27,7 @@ def bench_prompt_to_mesh(
     *,
     steps: int = 64,
     guidance_scale: float = 15.0,
-    grid_size: int = 128,
+    grid_size: int = DEFAULT_GRID_SIZE,
     prompt: str = "a red chair",
     clip: dict | None = None,
     precision: str = "auto",

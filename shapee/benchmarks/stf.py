@@ -1,8 +1,8 @@
 """Benchmark of latent → mesh (what ``sample.py`` does per asset): seconds per step at a 128³ grid.
 
-Steps, as :func:`shapee.render.stf.latent_to_mesh` runs them: ``decode`` (params projection), ``grid`` (the SDF on
+Steps, as :func:`shapee.models.meshing.extract_meshes` runs them: ``decode`` (params projection), ``grid`` (the SDF on
 the G³ grid through the implicit MLP: by default only near the zero level,
-:func:`~shapee.render.stf.query_grid_narrow_band`; ``dense=True`` queries all G³ points), ``mc`` (pad + Marching
+:func:`~shapee.render.grid.query_grid_narrow_band`; ``dense=True`` queries all G³ points), ``mc`` (pad + Marching
 Cubes 33), ``colors`` (the STF colour at the vertices), ``trimesh`` (building the ``trimesh.Trimesh``), ``total``.
 The one-time costs of a process (``import trimesh`` ~0.5 s, generating the MC33 tables ~0.5 s; a run without
 ``warmup`` used to count them in ``trimesh`` and ``mc``) are paid before timing and reported as ``import_trimesh_s``
@@ -25,6 +25,8 @@ import platform
 import statistics
 import time
 
+from shapee.render.grid import DEFAULT_GRID_SIZE
+
 STEPS = ("decode", "grid", "mc", "colors", "trimesh", "total")
 
 
@@ -38,7 +40,7 @@ def _release_size_decoder(device):
 
 
 def bench_latent_to_mesh(
-    grid_size: int = 128,
+    grid_size: int = DEFAULT_GRID_SIZE,
     *,
     transmitter=None,
     batch_size: int = 1,
@@ -61,7 +63,8 @@ def bench_latent_to_mesh(
     """
     import torch
 
-    from shapee.render import stf
+    from shapee.render.grid import query_grid
+    from shapee.render.mesh import extract_meshes, query_vertex_colors, to_trimesh
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -80,7 +83,7 @@ def bench_latent_to_mesh(
     importlib.import_module("trimesh")
     import_trimesh_s = time.perf_counter() - t_setup
     t_setup = time.perf_counter()
-    stf.extract_meshes(torch.zeros(1, 2, 2, 2, device=device))
+    extract_meshes(torch.zeros(1, 2, 2, 2, device=device))
     mc_tables_s = time.perf_counter() - t_setup
     queries = []
 
@@ -107,14 +110,14 @@ def bench_latent_to_mesh(
                 sdf = model.query(params, points)["sdf"]
                 return sdf if sphere_radius is None else sdf + (sphere_radius - points.norm(dim=-1))
 
-            sdf = stf.query_grid(sdf_fn, batch_size, grid_size, chunk=chunk, device=device, narrow_band=not dense)
+            sdf = query_grid(sdf_fn, batch_size, grid_size, chunk=chunk, device=device, narrow_band=not dense)
             lap("grid")
-            meshes = stf.extract_meshes(sdf)
+            meshes = extract_meshes(sdf)
             lap("mc")
-            colors = stf.query_vertex_colors(lambda p: model.query(params, p)["stf_rgb"], [v for v, _ in meshes],
-                                             chunk=chunk)
+            colors = query_vertex_colors(lambda p: model.query(params, p)["stf_rgb"], [v for v, _ in meshes],
+                                         chunk=chunk)
             lap("colors")
-            out = [stf.to_trimesh(verts, faces, rgb) for (verts, faces), rgb in zip(meshes, colors)]
+            out = [to_trimesh(verts, faces, rgb) for (verts, faces), rgb in zip(meshes, colors)]
             lap("trimesh")
             times["total"], cpu_times["total"] = time.perf_counter() - t0, time.process_time() - c0
         return times, cpu_times, out
@@ -154,4 +157,4 @@ if __name__ == "__main__":  # python -m shapee.benchmarks.stf [grid_size] [--den
     import sys
 
     args = [a for a in sys.argv[1:] if a != "--dense"]
-    print(json.dumps(bench_latent_to_mesh(int(args[0]) if args else 128, dense="--dense" in sys.argv), indent=2))
+    print(json.dumps(bench_latent_to_mesh(int(args[0]) if args else DEFAULT_GRID_SIZE, dense="--dense" in sys.argv), indent=2))

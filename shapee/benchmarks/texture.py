@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from shapee.benchmarks.common import machine, resolve_device
+from shapee.render.grid import DEFAULT_GRID_SIZE
 
 STEPS = ("decimate", "atlas", "rasterize", "query", "dilate", "trimesh", "total")
 
@@ -49,7 +50,7 @@ def bench_texture(
     texture_size: int = 1024,
     faces: int | None = 20_000,
     model: str = "release",
-    grid_size: int = 128,
+    grid_size: int = DEFAULT_GRID_SIZE,
     repeats: int = 1,
     warmup: int = 0,
     device: str | None = None,
@@ -67,8 +68,9 @@ def bench_texture(
 
     from shapee.benchmarks.marching_cubes import benchmark_field
     from shapee.io.mesh import export_mesh
-    from shapee.render import stf
-    from shapee.render.texture import bake_mesh, transmitter_colour_fn
+    from shapee.models.meshing import transmitter_colour_fn
+    from shapee.render.mesh import extract_meshes
+    from shapee.render.texture import bake_mesh
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -77,7 +79,7 @@ def bench_texture(
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(transmitter.encoder.latent_ctx, transmitter.encoder.d_latent, generator=g).tanh().to(dev)
     colour_fn = transmitter_colour_fn(transmitter, latent, "stf")
-    (verts, tris), = stf.extract_meshes(benchmark_field(grid_size)[None].to(dev), (-1.0, 1.0))
+    (verts, tris), = extract_meshes(benchmark_field(grid_size)[None].to(dev), (-1.0, 1.0))
     vertices, triangles = verts.cpu().numpy(), tris.cpu().numpy()
 
     runs, mesh = [], None

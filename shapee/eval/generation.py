@@ -126,11 +126,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _render(decoder, latents: Tensor, cameras, renderer: str, grid_size: int) -> Tensor:
+def _render(transmitter, latents: Tensor, cameras, head: str, grid_size: int) -> Tensor:
     """Renders ``[S, V, R, R, 3]`` sRGB in [0, 1] on black of latents ``[S, n_ctx, d]``."""
-    if renderer == "stf":
-        return decoder.render_stf(latents, cameras, grid_size=grid_size)["rgb"].clamp(0, 1)
-    return decoder.render_nerf(latents, cameras, deterministic=True)["rgb"].clamp(0, 1)
+    if head == "stf":
+        return transmitter.render_stf(latents, cameras, grid_size=grid_size)["rgb"].clamp(0, 1)
+    return transmitter.render_nerf(latents, cameras, deterministic=True)["rgb"].clamp(0, 1)
 
 
 @torch.no_grad()
@@ -163,8 +163,8 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     prior = shapee.io.load(s.prior, device=device)
     if not isinstance(prior, LatentDiffusion) or prior.cond_mode != "text":
         raise ValueError(f"prior={s.prior!r} is not a text-conditional shapee.models.LatentDiffusion snapshot")
-    decoder = load_transmitter(s.transmitter, device=device)
-    have = (decoder.encoder.latent_ctx, decoder.encoder.d_latent)
+    transmitter = load_transmitter(s.transmitter, device=device)
+    have = (transmitter.encoder.latent_ctx, transmitter.encoder.d_latent)
     if have != tuple(prior.latent_shape):
         raise ValueError(
             f"transmitter={s.transmitter!r} decodes latents {list(have)}, the prior makes {list(prior.latent_shape)}"
@@ -195,7 +195,7 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if s.warmup:  # kernels, CLIP build and allocator warm-up stay out of the timings
         warm = prior.sample(prompts=prompts[:1], n=1, steps=2, sampler=s.sampler, guidance_scale=s.guidance_scale,
                             generator=torch.Generator(device).manual_seed(0))
-        _render(decoder, warm, cameras[:1], s.head, int(s.grid_size))
+        _render(transmitter, warm, cameras[:1], s.head, int(s.grid_size))
     else:
         prior.clip  # noqa: B018  build the conditioning CLIP outside the timed region
 
@@ -211,7 +211,7 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                sampler=s.sampler, generator=generator)  # [p·n, n_ctx, d]
         _sync(device)
         t1 = time.perf_counter()
-        images = _render(decoder, latents, cameras, s.head, int(s.grid_size))  # [p·n, V, R, R, 3]
+        images = _render(transmitter, latents, cameras, s.head, int(s.grid_size))  # [p·n, V, R, R, 3]
         _sync(device)
         sample_s, render_s = sample_s + t1 - t0, render_s + time.perf_counter() - t1
         renders.append(images.cpu())

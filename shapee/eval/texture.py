@@ -184,8 +184,8 @@ def texture_quality_dataset(model, dataset, *, target_faces: int, texture_size: 
     (:class:`~shapee.models.Transmitter`): its mesh at ``grid_size``³, its ``head`` colour head as the field, and the
     records' target views (real renders of the source asset, all target views) as the targets."""
     from shapee.data.dataset import collate_assets
+    from shapee.models.meshing import transmitter_colour_fn
     from shapee.models.transmitter import batch_cameras
-    from shapee.render.texture import transmitter_colour_fn
 
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)

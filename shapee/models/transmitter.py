@@ -27,10 +27,12 @@ from shapee.cameras import Cameras
 from shapee.encoder.encoder import ChannelsEncoder
 from shapee.implicit.mlp import NeRSTFMLP
 from shapee.implicit.params_proj import ChannelsParamsProj
+from shapee.models import meshing
 from shapee.models.distill_losses import distill_loss, nearest_cloud_colour, teacher_sdf
 from shapee.models.stf_losses import rgba, stf_finetune_loss
 from shapee.render import nerf as nerf_renderer
-from shapee.render import stf
+from shapee.render.grid import DEFAULT_GRID_SIZE
+from shapee.render.mesh import TensorMesh
 
 STAGES = ("nerf", "distill", "finetune")
 
@@ -99,7 +101,8 @@ class Transmitter(TransmitterModules):
         teacher_checkpoint: the Point-E SDF teacher for ``teacher=pointe``: our snapshot
             (``scripts/train_pointe_sdf.py``) or the official ``sdf.pt``; loaded on first use, never saved with us.
         distill_points: teacher SDF samples per asset per step.
-        stf_grid_size: SDF grid of the mesh extraction in stage ``finetune`` (128³ as released).
+        stf_grid_size: SDF grid of the mesh extraction in stage ``finetune`` and the default grid of
+            :meth:`to_mesh` / :meth:`extract_meshes` / :meth:`render_stf` (128³ as released).
         stf_views: target views rendered per asset per ``finetune`` step (random subset; None: all training views).
         stf_resolution: render ``finetune`` views at this size (targets area-resized to it, which shifts edge pixels
             by up to half a render pixel against the corner-aligned rays); None: the records' size.
@@ -124,7 +127,7 @@ class Transmitter(TransmitterModules):
         teacher: str = "mesh",
         teacher_checkpoint: str | None = None,
         distill_points: int = 4096,
-        stf_grid_size: int = 128,
+        stf_grid_size: int = DEFAULT_GRID_SIZE,
         stf_views: int | None = None,
         stf_resolution: int | None = None,
         stf_sigma: float | None = None,
@@ -218,26 +221,45 @@ class Transmitter(TransmitterModules):
     ) -> dict[str, Tensor]:
         """Mesh renders of ``B`` latents (SDF grid → Marching Cubes 33 → STF colours → PyTorch3D, dataset lighting):
         ``rgb`` ``[B, N, H, W, 3]`` sRGB on black, ``alpha`` ``[B, N, H, W]``, ``mesh_mask`` ``[B]`` (False: empty),
-        and the meshes. Differentiable from the image to the latent. ``render_kwargs`` go to the rasteriser
+        and the meshes. Differentiable from the image to the latent. ``grid_size`` (None: ``stf_grid_size``);
+        ``render_kwargs`` go to :func:`shapee.render.stf.render_stf` and the rasteriser
         (:func:`shapee.render.stf.render_meshes`: ``sigma``, ``faces_per_pixel``, ...)."""
-        return stf.render_latents(self, latent, cameras, grid_size=grid_size or self.stf_grid_size, **render_kwargs)
+        return meshing.render_latents(self, latent, cameras, grid_size=grid_size or self.stf_grid_size,
+                                      **render_kwargs)
 
-    def to_mesh(self, latent: Tensor, grid_size: int = 128, *, narrow_band: bool = True, texture: int = 0,
-                faces: int | None = None, texture_head: str = "stf"):
-        """Latent ``[1024, 1024]`` (or ``[1, ...]``) → ``trimesh.Trimesh`` with sRGB vertex colours; a batch
-        ``[B, ...]`` with B > 1 gives a list. Export with :func:`shapee.io.mesh.export_mesh` (.glb/.ply/.obj).
-        ``narrow_band`` (default): the SDF is queried only near its zero level, the same mesh as the dense grid for
-        fields it covers (see :func:`shapee.render.stf.query_grid_narrow_band`); ``False`` forces the dense grid.
-        ``faces``: decimate to about that many faces; ``texture > 0``: UV atlas + a ``texture²`` texture baked from
-        the ``texture_head`` colour head (``stf`` / ``nerf``), see :func:`shapee.render.texture.bake_texture`."""
-        meshes = stf.latent_to_mesh(self, latent, grid_size=grid_size, narrow_band=narrow_band)
+    @torch.no_grad()
+    def extract_meshes(self, latent: Tensor, *, head: str = "stf", grid_size: int | None = None,
+                       narrow_band: bool | None = None,
+                       density_level: float = meshing.NERF_DENSITY_LEVEL) -> list[TensorMesh]:
+        """The mesh path as tensors: latents ``[B, n_ctx, d]`` (or flat ``[B, n_ctx·d]``; one latent ``[n_ctx, d]``
+        gives a list of one) → a :class:`~shapee.render.mesh.TensorMesh` ``(verts, faces, sRGB colors)`` per latent.
+        ``head``: ``stf`` (SDF 0 level + STF colours) or ``nerf`` (fine density at ``density_level`` + NeRF
+        colours); ``grid_size`` (None: ``stf_grid_size``); ``narrow_band`` (None: on for ``stf``), see
+        :func:`shapee.models.meshing.extract_meshes`."""
+        return meshing.extract_meshes(self, latent, head=head, grid_size=grid_size or self.stf_grid_size,
+                                      narrow_band=narrow_band, density_level=density_level)
+
+    def to_mesh(self, latent: Tensor, grid_size: int | None = None, *, head: str = "stf",
+                narrow_band: bool | None = None, texture: int = 0, faces: int | None = None,
+                texture_head: str | None = None):
+        """Latent(s) → ``trimesh.Trimesh`` with sRGB vertex colours (or a baked texture). Export with
+        :func:`shapee.io.mesh.export_mesh` (.glb/.ply/.obj).
+
+        The input's rank decides, never its batch size: one latent ``[n_ctx, d]`` gives one mesh; a batch
+        ``[B, n_ctx, d]`` (or flat ``[B, n_ctx·d]``) gives a list of ``B`` meshes, also for ``B = 1``.
+
+        ``grid_size``: Marching Cubes grid (None: the model's ``stf_grid_size``). ``head``, ``narrow_band``: see
+        :meth:`extract_meshes`. ``faces``: decimate to about that many faces; ``texture > 0``: UV atlas + a
+        ``texture²`` texture baked from the ``texture_head`` colour head (``stf`` / ``nerf``; None: ``head``), see
+        :func:`shapee.models.meshing.bake_texture`."""
+        latents, batched = meshing.as_latent_batch(self, latent)
+        meshes = [m.to_trimesh() for m in self.extract_meshes(latents, head=head, grid_size=grid_size,
+                                                               narrow_band=narrow_band)]
         if texture or faces is not None:
-            from shapee.render.texture import bake_texture
-
-            latents = latent if latent.ndim == 3 else latent[None]
-            meshes = [bake_texture(self, latents[i], mesh, size=texture, faces=faces, head=texture_head)
+            meshes = [meshing.bake_texture(self, latents[i], mesh, size=texture, faces=faces,
+                                           head=texture_head or head)
                       for i, mesh in enumerate(meshes)]
-        return meshes[0] if latent.ndim == 2 or latent.shape[0] == 1 else meshes
+        return meshes if batched else meshes[0]
 
     # -------------------------------------------------------------------------------------------- losses
     def loss_dict(self, batch: Mapping[str, Tensor], stage: str | None = None) -> dict[str, Tensor]:

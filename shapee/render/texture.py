@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shapee.render.mesh import to_trimesh
+
 __all__ = [
-    "TEXTURE_HEADS",
     "ColourFn",
     "UVAtlas",
     "decimate",
@@ -51,12 +52,9 @@ __all__ = [
     "bake",
     "bake_mesh",
     "textured_trimesh",
-    "transmitter_colour_fn",
-    "bake_texture",
 ]
 
 ColourFn = Callable[[Tensor], Tensor]  # points [N, 3] float32 -> sRGB [N, 3] in [0, 1]
-TEXTURE_HEADS = {"stf": "stf_rgb", "nerf": "nerf_rgb_fine"}  # head name -> Transmitter.query key
 
 PADDING = 4  # gutter between charts, in texels of the final texture
 BORDER = 1.0  # conservative rasterisation reach, in texels
@@ -321,13 +319,6 @@ def textured_trimesh(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, t
     return trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
 
 
-def _vertex_coloured_trimesh(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray):
-    import trimesh
-
-    rgba = np.concatenate([(np.clip(colours, 0, 1) * 255).round(), np.full((len(colours), 1), 255)], axis=1)
-    return trimesh.Trimesh(vertices=vertices, faces=faces, vertex_colors=rgba.astype(np.uint8), process=False)
-
-
 def bake_mesh(
     colour_fn: ColourFn,
     vertices,
@@ -366,7 +357,7 @@ def bake_mesh(
                                              len(points[i:i + batch_points]))
                                  for i in range(0, len(points), batch_points)])
         clock("query")
-        return _vertex_coloured_trimesh(vertices, faces, colours.numpy())
+        return to_trimesh(vertices, faces, colours.numpy())
     atlas = uv_atlas(vertices, faces, size=texture_size, padding=padding)
     clock("atlas")
     texture, _ = bake(colour_fn, atlas.vertices, atlas.faces, atlas.uvs, texture_size, batch_points=batch_points,
@@ -375,33 +366,3 @@ def bake_mesh(
     mesh = textured_trimesh(atlas.vertices, atlas.faces, atlas.uvs, texture)
     clock("trimesh")
     return mesh
-
-
-# -------------------------------------------------------------------------------------------- transmitter glue
-def transmitter_colour_fn(transmitter, latent: Tensor, head: str = "stf") -> ColourFn:
-    """The colour head ``head`` (``stf``: ``stf_rgb``; ``nerf``: ``nerf_rgb_fine``, queried without a view
-    direction, as the mesh export does) of one latent ``[n_ctx, d]`` (or ``[1, n_ctx, d]``) as a ``ColourFn``."""
-    if head not in TEXTURE_HEADS:
-        raise ValueError(f"texture head must be one of {tuple(TEXTURE_HEADS)}, got {head!r}")
-    key = TEXTURE_HEADS[head]
-    latent = latent if latent.ndim == 3 else latent[None]
-    if latent.shape[0] != 1:
-        raise ValueError(f"transmitter_colour_fn takes one latent, got a batch of {latent.shape[0]}")
-    with torch.no_grad():
-        params = transmitter.decode_params(latent)
-    device = latent.device
-
-    def colour_fn(points: Tensor) -> Tensor:  # [N, 3] -> [N, 3] sRGB
-        return transmitter.query(params, points.to(device)[None])[key][0].clamp(0, 1)
-
-    return colour_fn
-
-
-def bake_texture(transmitter, latent: Tensor, mesh, *, size: int = 1024, faces: int | None = None,
-                 head: str = "stf", **kwargs):
-    """``mesh`` (a ``trimesh.Trimesh`` extracted from ``latent``, e.g. by :meth:`Transmitter.to_mesh`) → the same
-    surface, decimated to ``faces`` if given, with a UV atlas and a ``size²`` texture baked from the ``head`` colour
-    head of ``latent`` (``size = 0``: vertex colours). ``kwargs`` go to :func:`bake_mesh`."""
-    colour_fn = transmitter_colour_fn(transmitter, latent, head)
-    return bake_mesh(colour_fn, np.asarray(mesh.vertices), np.asarray(mesh.faces), texture_size=size,
-                     target_faces=faces, device=latent.device, **kwargs)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from shapee.cli import refuse_renamed_kwargs
 from shapee.data.latents import LatentDataset, collate_latents
 from shapee.models.latent_diffusion import LatentDiffusion
 from shapee.train.loop import train
@@ -47,6 +48,7 @@ def _will_resume(resume: str | None, run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / "last.pt").is_file() if resume == "auto" else True
 
 
+@refuse_renamed_kwargs(decoder="use transmitter= (the weights that decode latents)")
 def prior_eval_fn(
     dataset: LatentDataset,
     *,
@@ -56,14 +58,14 @@ def prior_eval_fn(
     sampler: str = "karras",
     guidance_scale: float | None = None,
     seed: int = 0,
-    decoder=None,
+    transmitter=None,
     render_views: int = 4,
     render_resolution: int = 32,
 ):
     """``eval_fn(model, step)`` for the training loop (see the module docstring).
 
     Returns scalars ``sample_std``, ``sample_abs_mean``, ``data_std``, ``data_abs_mean``, ``x0_mse_t{t}`` and, with a
-    ``decoder`` (a :class:`~shapee.models.Transmitter` whose latent shape equals the prior's), the image
+    ``transmitter`` (a :class:`~shapee.models.Transmitter` whose latent shape equals the prior's), the image
     ``images/turntable`` ``[n·R, V·R, 3]`` uint8 (one row of ``render_views`` views per sample).
     """
     items = [dataset[i] for i in range(min(n_assets, len(dataset)))]
@@ -101,12 +103,12 @@ def prior_eval_fn(
             generator=torch.Generator(device).manual_seed(seed),
         )  # [K·n, n_ctx, d]
         out.update(sample_std=float(latents.std()), sample_abs_mean=float(latents.abs().mean()))
-        if decoder is not None:
+        if transmitter is not None:
             from shapee.cameras import orbit_cameras
 
-            decoder.to(device).eval()
+            transmitter.to(device).eval()
             cameras = orbit_cameras(render_views, resolution=render_resolution, device=device)
-            rgb = decoder.render_nerf(latents, cameras, deterministic=True)["rgb"].clamp(0, 1)  # [S, V, R, R, 3]
+            rgb = transmitter.render_nerf(latents, cameras, deterministic=True)["rgb"].clamp(0, 1)  # [S, V, R, R, 3]
             rows = torch.cat(list(rgb.permute(0, 2, 1, 3, 4).flatten(2, 3)), dim=0)  # [S·R, V·R, 3]
             out["images/turntable"] = (rows.cpu().numpy() * 255).round().astype(np.uint8)
         return out
@@ -161,10 +163,10 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
 
     dataset = build_latent_dataset(cfg.data, cond=model.cond_mode, latent_shape=model.latent_shape)
 
-    decoder = None
+    transmitter = None
     if cfg.get("transmitter"):
-        decoder = load_transmitter(cfg.transmitter)
-        have = (decoder.encoder.latent_ctx, decoder.encoder.d_latent)
+        transmitter = load_transmitter(cfg.transmitter)
+        have = (transmitter.encoder.latent_ctx, transmitter.encoder.d_latent)
         if have != model.latent_shape:
             raise ValueError(
                 f"transmitter={cfg.transmitter!r} decodes latents {list(have)}, the prior makes {list(model.latent_shape)}"
@@ -172,7 +174,7 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     ev = cfg.eval
     eval_fn = prior_eval_fn(
         dataset, n_assets=int(ev.n_assets), n_per_cond=int(ev.n_per_cond), steps=int(ev.steps), sampler=ev.sampler,
-        guidance_scale=ev.guidance_scale, seed=int(ev.seed), decoder=decoder, render_views=int(ev.render_views),
+        guidance_scale=ev.guidance_scale, seed=int(ev.seed), transmitter=transmitter, render_views=int(ev.render_views),
         render_resolution=int(ev.render_resolution),
     ) if int(ev.n_assets) > 0 else None
 
