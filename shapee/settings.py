@@ -1,4 +1,4 @@
-"""Structured configs: the settings of ``scripts/sample.py`` (:func:`shapee.pipeline.sample_assets`), each default
+"""Structured configs: the settings of ``scripts/sample.py`` (:func:`shapee.sample.sample_assets`), each default
 stated here once, and the helpers that merge a caller's settings onto such a dataclass (:func:`merge_settings`).
 
 ``configs/sample.yaml`` extends :class:`SampleConfig` (registered with Hydra's ConfigStore by

@@ -173,6 +173,6 @@ def test_sample_config_is_the_dataclass_and_shares_the_sampling_defaults():
     shared = {k: v for k, v in defaults(SamplingConfig).items() if k != "render_resolution"}
     assert {k: generation[k] for k in shared} == shared == {k: cfg[k] for k in shared}
     with pytest.raises(ValueError, match="unknown setting 'stepz'"):
-        from shapee.pipeline import sample_assets
+        from shapee.sample import sample_assets
 
         sample_assets({"prompt": "a chair", "stepz": 3})
