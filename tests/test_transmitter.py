@@ -6,7 +6,7 @@ import torch
 from shapee.cameras import Cameras, random_cameras
 from shapee.io import load_official
 from shapee.io.official import to_official_state_dict
-from shapee.models import Transmitter
+from shapee.models import LossSettings, Transmitter
 
 TINY = dict(
     encoder=dict(width=32, heads=2, layers=2, data_ctx=32, d_latent=32, n_points=256, n_views=2,
@@ -47,7 +47,8 @@ def test_nerf_stage_losses_and_gradients():
 
 
 def test_distill_stage_adds_sdf_and_colour_terms():
-    model = Transmitter(**TINY, stage="distill", distill_points=50)
+    model = Transmitter(**TINY, stage="distill")
+    model.loss_settings = LossSettings(distill_points=50)
     batch = make_batch()
     g = torch.Generator().manual_seed(3)
     batch["sdf_points"] = torch.rand(2, 80, 3, generator=g) * 2 - 1
@@ -57,12 +58,13 @@ def test_distill_stage_adds_sdf_and_colour_terms():
     (losses["distill_sdf"] + losses["distill_rgb"]).backward()
     assert model.encoder.output_proj.weight.grad.abs().sum() > 0  # the distill terms reach the encoder
     assert model.state_dict().keys() == Transmitter(**TINY).state_dict().keys()  # no teacher weights in ours
-    with pytest.raises(ValueError, match="teacher_checkpoint"):
-        Transmitter(**TINY, teacher="pointe")
+    with pytest.raises(ValueError, match="unknown SDF teacher 'pointy'"):
+        LossSettings(teacher="pointy")
 
 
 def test_finetune_stage_adds_the_mesh_render_loss_and_exports_meshes(tmp_path):
-    model = Transmitter(**TINY, stage="finetune", stf_grid_size=12, stf_views=2, stf_resolution=16)
+    model = Transmitter(**TINY, stage="finetune", stf_grid_size=12)
+    model.loss_settings = LossSettings(stf_views=2, stf_resolution=16)
     losses = model.loss_dict(make_batch())
     assert "stf_rgba" in losses and torch.isfinite(losses["stf_rgba"])
     losses["stf_rgba"].backward()
@@ -154,7 +156,7 @@ def test_official_layout_loads_into_a_transmitter():
 
 def test_finetune_render_sigma_is_configurable_and_defaults_to_the_official_one():
     torch.manual_seed(0)
-    model = Transmitter(**TINY, stage="finetune", stf_grid_size=12, stf_resolution=16)  # all training views
+    model = Transmitter(**TINY, stage="finetune", stf_grid_size=12)
     batch = make_batch()
     query = model.query  # the random SDF head has no zero level: add a sphere of radius 0.6 so there is a mesh
 
@@ -169,12 +171,12 @@ def test_finetune_render_sigma_is_configurable_and_defaults_to_the_official_one(
         assert all(len(m.faces) for m in model.to_mesh(latent, grid_size=12))  # something to render
         loss = {}
         for sigma in (None, 1e-5, 1e-3):
-            model.stf_sigma = sigma
+            model.loss_settings = LossSettings(stf_resolution=16, stf_sigma=sigma)  # all training views
             loss[sigma] = model.stf_losses(batch, latent)["stf_rgba"]
     assert torch.equal(loss[None], loss[1e-5])  # None = the official renderer's σ
     assert not torch.allclose(loss[None], loss[1e-3])  # the wider soft edge changes the training render
     with pytest.raises(ValueError, match="stf_sigma must be > 0"):
-        Transmitter(**TINY, stf_sigma=0.0)
+        LossSettings(stf_sigma=0.0)
 
 
 def test_inference_entry_points_build_no_autograd_graph():
@@ -198,7 +200,8 @@ def test_pointe_teacher_is_given_through_the_one_loader_not_loaded_by_the_model(
     teacher = PointESDF(**tiny_pointe)
     path = tmp_path / "pointe.pt"
     shapee.io.save(path, teacher, {"_target_": "shapee.models.pointe_sdf.PointESDF", **tiny_pointe})
-    model = Transmitter(**TINY, stage="distill", teacher="pointe", teacher_checkpoint=str(path))
+    model = Transmitter(**TINY, stage="distill")
+    model.loss_settings = LossSettings(teacher="pointe")
     with pytest.raises(RuntimeError, match="use_pointe_teacher"):
         model.pointe_teacher()
     loaded = shapee.io.load_model(path, expect="pointe_sdf")

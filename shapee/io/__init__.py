@@ -26,7 +26,12 @@ from shapee.io.checkpoint import (
 )
 from shapee.io.official import OfficialCheckpointError, load_official
 from shapee.io.loading import load_model
-from shapee.io.safe import ALLOWED_MODELS, build_model, check_model_config
+from shapee.io.safe import (
+    ALLOWED_MODELS,
+    build_model,
+    check_model_config,
+    instantiate_model,
+)
 
 
 def save(path: str | os.PathLike, model: nn.Module, model_config: Mapping[str, Any], *, step: int | None = None) -> None:
@@ -54,6 +59,7 @@ __all__ = [
     "OfficialCheckpointError",
     "build_model",
     "check_model_config",
+    "instantiate_model",
     "load",
     "load_model",
     "load_checkpoint",

@@ -6,7 +6,9 @@ holds, at any depth (a nested ``{"_target_": "builtins.open", "_args_": [<file>,
 file content never reaches Hydra. :func:`check_model_config` walks the whole config first, at every depth, and refuses
 it unless its one ``_target_`` (top level) is a shapee model class on :data:`ALLOWED_MODELS` and nothing else in it
 is a Hydra construction key; :func:`build_model` then calls that class itself with the remaining keys, bound against
-its signature first, and loads the weights strictly. Every loader of our files goes through :func:`build_model`.
+its signature first, and loads the weights strictly. Every loader of our files goes through :func:`build_model`, and
+every trainer builds its model through :func:`instantiate_model` (the same check and call, without weights), so one
+model config builds the same model in training and at load time.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from torch import Tensor, nn
 
 from shapee.io.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, SNAPSHOT_FORMAT, CheckpointError
 
-# ``_target_`` strings a file may name → (module, class). These are what the trainers write into snapshots and full
-# checkpoints (shapee/train/{encoder,diffusion,pointe_sdf}.py, model_config={"_target_": ..., **kwargs}) and what
-# configs/model/*.yaml name, plus the defining-module spelling of each that the trainers also accept. Nothing nested
+# ``_target_`` strings a file may name → (module, class). These are what configs/model/*.yaml name, which the trainers
+# (shapee/train/{encoder,diffusion,pointe_sdf}.py) build through instantiate_model and write into snapshots and full
+# checkpoints as they are, plus the defining-module spelling of each that the trainers also accept. Nothing nested
 # is allowed: the shipped configs nest only plain keyword dicts (denoiser, diffusion, clip; encoder, mlp, params_proj).
 ALLOWED_MODELS: dict[str, tuple[str, str]] = {
     "shapee.models.Transmitter": ("shapee.models.transmitter", "Transmitter"),
@@ -31,6 +33,15 @@ ALLOWED_MODELS: dict[str, tuple[str, str]] = {
     "shapee.models.latent_diffusion.LatentDiffusion": ("shapee.models.latent_diffusion", "LatentDiffusion"),
     "shapee.models.pointe_sdf.PointESDF": ("shapee.models.pointe_sdf", "PointESDF"),
     "shapee.models.PointESDF": ("shapee.models.pointe_sdf", "PointESDF"),
+}
+# Keys that files written before a setting moved still carry in their model config, per class: dropped when such a
+# file is loaded (they change no weight), refused in a config that is being trained (the setting lives elsewhere now).
+# The Transmitter's loss settings moved to the stage config (shapee.models.transmitter.LossSettings).
+RETIRED_KEYS: dict[tuple[str, str], dict[str, str]] = {
+    ("shapee.models.transmitter", "Transmitter"): {
+        key: f"stage.{key}"
+        for key in ("teacher", "teacher_checkpoint", "distill_points", "stf_views", "stf_resolution", "stf_sigma")
+    },
 }
 _SCALARS = (str, int, float, bool, type(None))
 _MAX_DEPTH = 64  # the shipped configs nest 4 deep (model.clip.model_cfg.vision_cfg); deeper is not ours
@@ -73,7 +84,9 @@ def _walk(node: Any, path: str, source: str, depth: int, on_path: set[int]) -> N
         )
 
 
-def check_model_config(config: Any, *, source: str, root: str = "model") -> tuple[type[nn.Module], dict[str, Any]]:
+def check_model_config(
+    config: Any, *, source: str, root: str = "model", retired: str = "drop"
+) -> tuple[type[nn.Module], dict[str, Any]]:
     """Check a model config read from a file and return ``(model class, constructor kwargs)``; calls nothing.
 
     The whole config is checked before anything is called (dicts, lists, ``DictConfig``/``ListConfig``, every
@@ -84,12 +97,16 @@ def check_model_config(config: Any, *, source: str, root: str = "model") -> tupl
     Args:
         source: names the file in errors (e.g. ``"prior='runs/x/snapshot.pt'"``).
         root: the config's name in the key paths of errors (``model.denoiser._target_``).
+        retired: what to do with the class's :data:`RETIRED_KEYS` (settings that older files still carry in their
+            model config): ``drop`` them (loading a file) or ``refuse`` them, naming where they live now (training).
 
     Raises:
         CheckpointError: one line naming ``source``, the offending key path and the value found there.
     """
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
+    if retired not in ("drop", "refuse"):
+        raise ValueError(f"retired must be 'drop' or 'refuse', got {retired!r}")
     if isinstance(config, (DictConfig, ListConfig)):
         config = OmegaConf.to_container(config, resolve=False)  # resolvers are code too: never resolved here
     if not isinstance(config, Mapping):
@@ -106,7 +123,14 @@ def check_model_config(config: Any, *, source: str, root: str = "model") -> tupl
     _walk(config, root, source, 0, set())
     module, name = ALLOWED_MODELS[target]
     cls = getattr(importlib.import_module(module), name)
-    kwargs = {k: v for k, v in config.items() if k != "_target_"}
+    moved = RETIRED_KEYS.get((module, name), {})
+    if retired == "refuse" and set(config) & set(moved):
+        key = sorted(set(config) & set(moved))[0]
+        raise CheckpointError(
+            f"{source}: {root}.{key} is not a model setting any more: set {moved[key]} (a training setting, "
+            "never saved with the model)"
+        )
+    kwargs = {k: v for k, v in config.items() if k != "_target_" and k not in moved}
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as e:
@@ -117,6 +141,26 @@ def check_model_config(config: Any, *, source: str, root: str = "model") -> tupl
 def is_model_file(obj: Any) -> bool:
     """Whether a loaded file object is one of ours (a snapshot or a full checkpoint), i.e. holds a model config."""
     return isinstance(obj, Mapping) and obj.get("format") in (SNAPSHOT_FORMAT, CHECKPOINT_FORMAT)
+
+
+def instantiate_model(
+    config: Any,
+    *,
+    source: str,
+    expected: str | None = None,
+    error: type[Exception] = CheckpointError,
+    hint: str = "",
+    retired: str = "refuse",
+) -> nn.Module:
+    """The model a ``_target_`` config describes, built with fresh weights (train mode); the trainers' one way in.
+
+    :func:`check_model_config` approves the whole config (allow-listed ``_target_``, nothing else that names code, keys
+    that bind) before the class is called, exactly as for a file (:func:`build_model`). ``expected``, ``error``,
+    ``hint``: as for :func:`build_model`; ``retired``: see :func:`check_model_config` (a training config refuses the
+    old keys by default).
+    """
+    cls, kwargs = _checked(config, source=source, expected=expected, error=error, hint=hint, retired=retired)
+    return _construct(cls, kwargs, source=source, target=config["_target_"], error=error)
 
 
 def build_model(
@@ -130,7 +174,9 @@ def build_model(
     """The model a loaded snapshot (its ``weights``) or full checkpoint (its ``ema`` weights) describes, in eval mode.
 
     The one way our files become models: :func:`check_model_config` approves the whole config before the allowed
-    class is called with it, then the weights load strictly.
+    class is called with it, then the weights load strictly. Keys a model config no longer holds
+    (:data:`RETIRED_KEYS`, e.g. the Transmitter's loss settings in files written before they moved to the stage
+    config) are dropped; any other unknown key is refused.
 
     Args:
         obj: what ``torch.load(weights_only=True)`` read from the file.
@@ -155,18 +201,33 @@ def build_model(
     else:
         run_config = obj.get("config")
         config, weights = (run_config.get("model") if isinstance(run_config, Mapping) else None), obj.get("ema")
-    cls, kwargs = check_model_config(config, source=source)
-    target = config["_target_"]
-    if expected is not None and ALLOWED_MODELS[target] != ALLOWED_MODELS[expected]:
-        raise error(f"{source} holds a model with _target_={target!r}, not a {expected}{hint}")
+    cls, kwargs = _checked(config, source=source, expected=expected, error=error, hint=hint, retired="drop")
     if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise error(f"{source}: its weights are not a state dict of tensors")
-    try:
-        model = cls(**kwargs)
-    except (TypeError, ValueError) as e:  # an allowed class refusing its values (e.g. an unknown stage)
-        raise error(f"{source}: its model config does not build a {target}: {e}") from e
+    model = _construct(cls, kwargs, source=source, target=config["_target_"], error=error)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise error(f"{source}: weights do not match its own model config: {e}") from e
     return model.eval()
+
+
+def _checked(
+    config: Any, *, source: str, expected: str | None, error: type[Exception], hint: str, retired: str
+) -> tuple[type[nn.Module], dict[str, Any]]:
+    """:func:`check_model_config`, then: is it the ``expected`` model?"""
+    cls, kwargs = check_model_config(config, source=source, retired=retired)
+    target = config["_target_"]
+    if expected is not None and ALLOWED_MODELS[target] != ALLOWED_MODELS[expected]:
+        raise error(f"{source} holds a model with _target_={target!r}, not a {expected}{hint}")
+    return cls, kwargs
+
+
+def _construct(
+    cls: type[nn.Module], kwargs: dict[str, Any], *, source: str, target: str, error: type[Exception]
+) -> nn.Module:
+    """``cls(**kwargs)``, an allowed class refusing its values (e.g. an unknown stage) raising ``error``."""
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise error(f"{source}: its model config does not build a {target}: {e}") from e

@@ -19,6 +19,7 @@ Stage ``distill``: the NeRF losses plus E_x[|SDF_θ(x) − SDF_teacher(x)| + |RG
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,41 @@ from shapee.render.grid import DEFAULT_GRID_SIZE
 from shapee.render.mesh import TensorMesh
 
 STAGES = ("nerf", "distill", "finetune")
+TEACHERS = ("mesh", "pointe")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How the stage losses sample and render: training settings, not architecture.
+
+    They come from the stage config (``configs/stage/*.yaml``; the encoder trainer hands them over as
+    ``model.loss_settings``), so a snapshot's model config holds only what rebuilds the network. The defaults are the
+    released recipe.
+
+    Args:
+        teacher: SDF teacher of stage ``distill``: ``mesh`` (the records' exact SDF samples) or ``pointe`` (a frozen
+            Point-E SDF regressor, given with :meth:`Transmitter.use_pointe_teacher`).
+        distill_points: teacher SDF samples per asset per ``distill`` step.
+        stf_views: target views rendered per asset per ``finetune`` step (random subset; None: all training views).
+        stf_resolution: render ``finetune`` views at this size (targets area-resized to it, which shifts edge pixels
+            by up to half a render pixel against the corner-aligned rays); None: the records' size.
+        stf_sigma: soft-rasteriser σ of the ``finetune`` mesh renders (squared NDC units; the edge band is about
+            √(9.2σ) NDC wide); None: the official renderer's 1e-5 (``shapee.render.stf.SIGMA``), a 0.15 px band at
+            32². A wider band gives the silhouettes a gradient at small training renders (the tiny CPU recipe uses
+            1e-3: README "Results"). Evaluation and export renders always use the official σ.
+    """
+
+    teacher: str = "mesh"
+    distill_points: int = 4096
+    stf_views: int | None = None
+    stf_resolution: int | None = None
+    stf_sigma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"unknown SDF teacher {self.teacher!r}: expected one of {TEACHERS}")
+        if self.stf_sigma is not None and not self.stf_sigma > 0:
+            raise ValueError(f"stf_sigma must be > 0 (or None for the official 1e-5), got {self.stf_sigma!r}")
 
 
 class TransmitterModules(nn.Module):
@@ -97,19 +133,12 @@ class Transmitter(TransmitterModules):
             (they are the held-out views of the evaluation PSNR).
         render_chunk: rays per asset per renderer call when rendering whole images.
         stage: the training stage ``loss_dict(batch)`` computes by default (``nerf``, ``distill``, ``finetune``).
-        teacher: SDF teacher of stage ``distill``: ``mesh`` (the records' exact SDF samples) or ``pointe``.
-        teacher_checkpoint: the Point-E SDF teacher for ``teacher=pointe``: our snapshot
-            (``scripts/train_pointe_sdf.py``) or the official ``sdf.pt``; loaded on first use, never saved with us.
-        distill_points: teacher SDF samples per asset per step.
         stf_grid_size: SDF grid of the mesh extraction in stage ``finetune`` and the default grid of
             :meth:`to_mesh` / :meth:`extract_meshes` / :meth:`render_stf` (128³ as released).
-        stf_views: target views rendered per asset per ``finetune`` step (random subset; None: all training views).
-        stf_resolution: render ``finetune`` views at this size (targets area-resized to it, which shifts edge pixels
-            by up to half a render pixel against the corner-aligned rays); None: the records' size.
-        stf_sigma: soft-rasteriser σ of the ``finetune`` mesh renders (squared NDC units; the edge band is about
-            √(9.2σ) NDC wide); None: the official renderer's 1e-5 (``shapee.render.stf.SIGMA``), a 0.15 px band at
-            32². A wider band gives the silhouettes a gradient at small training renders (the tiny CPU recipe uses
-            1e-3: README "Results"). Evaluation and export renders always use the official σ.
+
+    How the stage losses sample and render (views, teacher, σ) is not architecture and not a constructor argument:
+    :attr:`loss_settings` (a :class:`LossSettings`, the released recipe by default) that the trainer sets from the stage
+    config.
     """
 
     def __init__(
@@ -124,13 +153,7 @@ class Transmitter(TransmitterModules):
         holdout_views: int = 0,
         render_chunk: int = 4096,
         stage: str = "nerf",
-        teacher: str = "mesh",
-        teacher_checkpoint: str | None = None,
-        distill_points: int = 4096,
         stf_grid_size: int = DEFAULT_GRID_SIZE,
-        stf_views: int | None = None,
-        stf_resolution: int | None = None,
-        stf_sigma: float | None = None,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"unknown encoder stage {stage!r}; expected one of {STAGES}")
@@ -139,16 +162,9 @@ class Transmitter(TransmitterModules):
         self.n_coarse, self.n_fine = n_coarse, n_fine
         self.rays_per_asset, self.holdout_views, self.render_chunk = rays_per_asset, holdout_views, render_chunk
         self.stage = stage  # what loss_dict(batch) trains when the loop calls it without a stage
-        if teacher not in ("mesh", "pointe"):
-            raise ValueError(f"unknown SDF teacher {teacher!r}: expected 'mesh' or 'pointe'")
-        if teacher == "pointe" and not teacher_checkpoint:
-            raise ValueError("teacher='pointe' needs teacher_checkpoint=<Point-E SDF snapshot or official sdf.pt>")
-        self.teacher, self.teacher_checkpoint, self.distill_points = teacher, teacher_checkpoint, distill_points
+        self.stf_grid_size = stf_grid_size
+        self.loss_settings = LossSettings()  # the trainer's, from the stage config; never in the model config
         self._teacher_model: list = []  # a plain list keeps the frozen teacher out of state_dict / DDP / the optimiser
-        self.stf_grid_size, self.stf_views, self.stf_resolution = stf_grid_size, stf_views, stf_resolution
-        if stf_sigma is not None and not stf_sigma > 0:
-            raise ValueError(f"stf_sigma must be > 0 (or None for the official 1e-5), got {stf_sigma!r}")
-        self.stf_sigma = stf_sigma
 
     # ------------------------------------------------------------------------------------------ public API
     def compile_targets(self) -> list[torch.nn.Module]:
@@ -278,20 +294,21 @@ class Transmitter(TransmitterModules):
 
     def stf_losses(self, batch: Mapping[str, Tensor], latent: Tensor) -> dict[str, Tensor]:
         """``stf_rgba``: L2 between mesh renders and RGBA target views (training views only, optional subset/resize)."""
+        settings = self.loss_settings
         rgb, alpha = batch["target_rgb"], batch["target_alpha"]  # [B, T, H, W, 3], [B, T, H, W]
         B, T, H, W = alpha.shape
         usable = T - self.holdout_views
         views = torch.arange(usable, device=alpha.device)
-        if self.stf_views is not None and self.stf_views < usable:
-            views = torch.randperm(usable, device=alpha.device)[: self.stf_views].sort().values
+        if settings.stf_views is not None and settings.stf_views < usable:
+            views = torch.randperm(usable, device=alpha.device)[: settings.stf_views].sort().values
         cameras = [c[views.cpu()] for c in batch_cameras(batch, "target")]  # per asset, the chosen views
         rgb, alpha = rgb[:, views], alpha[:, views]  # [B, n, H, W, ...]
-        if self.stf_resolution is not None and self.stf_resolution != H:
-            size = self.stf_resolution
+        if settings.stf_resolution is not None and settings.stf_resolution != H:
+            size = settings.stf_resolution
             cameras = [c.resized(size) for c in cameras]
             rgb = _area_resize(rgb.flatten(0, 1).permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).unflatten(0, (B, -1))
             alpha = _area_resize(alpha.flatten(0, 1)[:, None], size)[:, 0].unflatten(0, (B, -1))
-        sigma = {} if self.stf_sigma is None else {"sigma": self.stf_sigma}
+        sigma = {} if settings.stf_sigma is None else {"sigma": settings.stf_sigma}
         out = self.render_stf(latent, [c.to(latent.device) for c in cameras], **sigma)
         return stf_finetune_loss(rgba(out["rgb"], out["alpha"]), rgb, alpha)
 
@@ -316,23 +333,24 @@ class Transmitter(TransmitterModules):
 
     def distill_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``distill_sdf`` (vs the teacher's SDF, tanh'd) and ``distill_rgb`` (vs the nearest cloud colour)."""
-        points, sdf = teacher_sdf(batch, self.teacher, self.pointe_teacher(), n_points=self.distill_points)
+        settings = self.loss_settings
+        points, sdf = teacher_sdf(batch, settings.teacher, self.pointe_teacher(), n_points=settings.distill_points)
         nn_rgb = nearest_cloud_colour(batch["points"][..., :3], batch["points"][..., 3:6], points)  # [B, P, 3]
         return distill_loss(self.query(params, points), sdf, nn_rgb)
 
     def use_pointe_teacher(self, teacher: nn.Module) -> None:
-        """Give the frozen Point-E SDF teacher of ``teacher=pointe`` (the encoder trainer loads
+        """Give the frozen Point-E SDF teacher of ``teacher=pointe`` (the encoder trainer loads the stage's
         ``teacher_checkpoint`` with ``shapee.io.load_model(..., expect="pointe_sdf")`` and passes it here)."""
         self._teacher_model[:] = [teacher.eval().requires_grad_(False).to(self.void_background.device)]
 
     def pointe_teacher(self):
         """The frozen Point-E SDF teacher (``teacher=pointe``); ``None`` for ``teacher=mesh``."""
-        if self.teacher != "pointe":
+        if self.loss_settings.teacher != "pointe":
             return None
         if not self._teacher_model:
             raise RuntimeError(
-                f"teacher=pointe: no Point-E teacher was given; load teacher_checkpoint={self.teacher_checkpoint!r} "
-                "with shapee.io.load_model(path, expect='pointe_sdf') and pass it to use_pointe_teacher()"
+                "teacher=pointe: no Point-E teacher was given; load the stage's teacher_checkpoint with "
+                "shapee.io.load_model(path, expect='pointe_sdf') and pass it to use_pointe_teacher()"
             )
         teacher = self._teacher_model[0]
         if next(teacher.parameters()).device != self.void_background.device:

@@ -21,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from shapee.cli import refuse_renamed_kwargs
 from shapee.data.latents import LatentDataset, collate_latents
+from shapee.io.safe import instantiate_model
 from shapee.models.latent_diffusion import LatentDiffusion
 from shapee.train.loop import train
 from shapee.train.rng import seed_everything
 from shapee.io.loading import load_transmitter
 
-_TARGETS = ("shapee.models.LatentDiffusion", "shapee.models.latent_diffusion.LatentDiffusion")
 OFFICIAL_NAME = {"text": "text300M", "image": "image300M"}
 
 
@@ -148,15 +148,14 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     """Train the prior from a composed ``train_diffusion.yaml`` config; returns the loop's final metrics."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    target = model_cfg.pop("_target_", _TARGETS[0])
-    if target not in _TARGETS:
-        raise ValueError(f"train_diffusion trains a shapee.models.LatentDiffusion, got model._target_={target!r}")
     if cfg.init_from and cfg.init_official:
         raise ValueError("give at most one of init_from= (our checkpoint/snapshot) and init_official= (released weights)")
     # The initial weights follow trainer.seed, not whatever the process drew before (a notebook, a test suite):
     # the same config gives the same run. Every rank builds the same model (DDP broadcasts rank 0's anyway).
+    # The model is built as at load time (allow-listed _target_, shapee.io.safe), from the config its snapshot keeps.
     seed_everything(int(cfg.trainer.seed))
-    model = LatentDiffusion(**model_cfg)
+    model = instantiate_model(model_cfg, source="train_diffusion: model", expected="shapee.models.LatentDiffusion",
+                              error=ValueError)
     run_dir = Path(cfg.run_dir)
     if cfg.init_official and not _will_resume(cfg.resume, run_dir):
         init_from_official(model, cfg.init_official)
@@ -186,6 +185,6 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
         run_dir=run_dir,
         collate_fn=collate_latents,
         eval_fn=eval_fn,
-        model_config={"_target_": _TARGETS[0], **model_cfg},
+        model_config=model_cfg,
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -4,6 +4,7 @@ evaluation from the Hydra config, then run the shared training loop for one stag
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from shapee.data.dataset import AssetDataset, collate_assets
 from shapee.eval.encoder import CHECKPOINT_SETTINGS, ENCODER_DEFAULTS, SourceMeshes, evaluate_checkpoint, metric_keys
 from shapee.io.loading import load_model
-from shapee.models.transmitter import Transmitter
+from shapee.io.safe import instantiate_model
+from shapee.models.transmitter import LossSettings, Transmitter
 from shapee.train.loop import train
 from shapee.train.rng import seed_everything
 
@@ -44,19 +46,29 @@ def heldout_eval_fn(dataset: AssetDataset, *, toy_seed: int = 0, **settings: Any
     return eval_fn
 
 
+def stage_loss_settings(stage: Mapping[str, Any]) -> LossSettings:
+    """The :class:`~shapee.models.transmitter.LossSettings` a stage config gives (``configs/stage/*.yaml``: ``teacher``,
+    ``distill_points``, ``stf_views``, ``stf_resolution``, ``stf_sigma``); what it does not give keeps its default."""
+    return LossSettings(**{f.name: stage[f.name] for f in fields(LossSettings) if stage.get(f.name) is not None})
+
+
 def train_encoder(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     """Run one encoder stage from a composed ``train_encoder.yaml`` config; returns the loop's final metrics."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    target = model_cfg.pop("_target_", "shapee.models.Transmitter")
-    if target not in ("shapee.models.Transmitter", "shapee.models.transmitter.Transmitter"):
-        raise ValueError(f"train_encoder trains a shapee.models.Transmitter, got model._target_={target!r}")
     # The initial weights follow trainer.seed, not whatever the process drew before (a notebook, a test suite):
     # the same config gives the same run. Every rank builds the same model (DDP broadcasts rank 0's anyway).
+    # The model is built as at load time (allow-listed _target_, shapee.io.safe), from the config its snapshot keeps.
     seed_everything(int(cfg.trainer.seed))
-    model = Transmitter(**model_cfg)
-    if model.teacher == "pointe":  # the frozen teacher of stage=distill teacher=pointe, through the one loader
-        model.use_pointe_teacher(load_model(model.teacher_checkpoint, expect="pointe_sdf"))
+    model = instantiate_model(model_cfg, source="train_encoder: model", expected="shapee.models.Transmitter",
+                              error=ValueError)
+    # How the stage's losses sample and render: training settings of the stage config, never saved with the model.
+    model.loss_settings = stage_loss_settings(cfg.stage)
+    if model.loss_settings.teacher == "pointe":  # distill's frozen Point-E teacher, through the one loader
+        teacher_checkpoint = cfg.stage.get("teacher_checkpoint")
+        if not teacher_checkpoint:
+            raise ValueError("stage.teacher=pointe needs stage.teacher_checkpoint=<Point-E SDF snapshot or sdf.pt>")
+        model.use_pointe_teacher(load_model(teacher_checkpoint, expect="pointe_sdf"))
     stage = cfg.stage.name
     encoder = model.encoder
     dataset = AssetDataset(
@@ -65,9 +77,11 @@ def train_encoder(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     # The evaluation: evaluate.py's function and defaults on the first eval.n_assets assets (evaluate.py max_assets=).
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     n_eval = min(int(eval_cfg.pop("n_assets")), len(dataset))
-    eval_set = AssetDataset(
-        cfg.data.root, load_sdf=False, n_points=encoder.n_points, n_views=encoder.n_views, asset_ids=dataset.asset_ids[:n_eval]
-    )
+    eval_fn = None
+    if n_eval:
+        eval_set = AssetDataset(cfg.data.root, load_sdf=False, n_points=encoder.n_points, n_views=encoder.n_views,
+                                asset_ids=dataset.asset_ids[:n_eval])
+        eval_fn = heldout_eval_fn(eval_set, **eval_cfg)
     trainer_cfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
     return train(
         trainer_cfg,
@@ -75,7 +89,7 @@ def train_encoder(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
         train_set=dataset,
         run_dir=cfg.run_dir,
         collate_fn=collate_assets,
-        eval_fn=heldout_eval_fn(eval_set, **eval_cfg) if n_eval else None,
-        model_config={"_target_": "shapee.models.Transmitter", **model_cfg},
+        eval_fn=eval_fn,
+        model_config=model_cfg,
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )

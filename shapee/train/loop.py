@@ -1,7 +1,9 @@
 """The one training loop that every stage (encoder nerf/distill/finetune, diffusion prior) runs.
 
 :func:`train` reads top to bottom in numbered steps (STYLE.md rule 1): dist init, seed, run dir, build/move + init,
-DDP, EMA, optimiser, resume, loop, final checkpoint + snapshot. It knows nothing about the model beyond the contract
+DDP, EMA, optimiser, resume, loop, final checkpoint + snapshot; the steps with a body of their own (building the
+optimiser, resuming, one optimiser step, reporting, checkpointing) are the helpers below it, each named after its step.
+It knows nothing about the model beyond the contract
 
     model.loss_dict(batch) -> dict[str, Tensor]   # 0-d tensors
 
@@ -18,6 +20,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -106,40 +109,164 @@ def train(
     # 3. Run directory (rank 0 writes; all ranks read the checkpoint, so run_dir must be on a shared filesystem).
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    trainer_cfg_plain = _plain(cfg)
-    run_cfg_plain = _plain(run_config) if run_config is not None else trainer_cfg_plain
+    saved = _SavedConfigs.of(cfg, run_config, model_config)
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run_cfg_plain)))
-    version = code_version()
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved.run)))
     resume_path = _resume_path(cfg.resume, ckpt_dir)
 
     # 4. Build/move: the model to its device; init_from loads weights only (chaining stages), unless resuming.
     model.to(device).train()
     if cfg.init_from and resume_path is None:
-        reason = unfinished_reason(cfg.init_from)
-        if reason is not None:
-            if not cfg.init_allow_partial:
-                raise CheckpointError(f"init_from={reason}")
-            _print0(info, f"WARNING: init_from={reason} (allowed by init_allow_partial)")
-        _load_init_weights(model, cfg.init_from, cfg.init_allow_missing, cfg.init_allow_unexpected)
+        _init_from(model, cfg, info)
 
     # 5. DDP: wrap a module whose forward *is* loss_dict, because DDP only hooks forward() to set up gradient sync.
     #    Construction broadcasts rank 0's parameters and buffers, so all ranks start equal.
-    loss_module: nn.Module = _LossDictForward(model)
-    if info.is_distributed:
-        loss_module = DistributedDataParallel(
-            loss_module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.ddp_find_unused_parameters,
-        )
+    loss_module = _loss_module(model, cfg, info)
 
     # 6. EMA: a copy of the (now synced) weights, frozen and in eval mode (STYLE.md rule 9).
     ema = EMA(model)
     if cfg.compile:  # after the EMA copy (a plain module) and DDP; Module.compile keeps the state-dict names
         compile_for_training(model, cfg.compile)
 
-    # 7. Optimiser, LR schedule, precision policy (the only place precision is decided, STYLE.md rule 8).
+    # 7. Optimiser, LR schedule, precision policy, and the data stream (sharded, resumable mid-epoch).
+    run = _build_run(cfg, info, model, loss_module, ema, train_set, collate_fn)
+
+    # 8. Resume the full training state (all ranks read the same file), or start at step 0.
+    if resume_path is not None:
+        _resume(run, resume_path, cfg)
+    if info.is_main:  # unfinished until the final snapshot of a run that reaches max_steps says otherwise
+        write_status(ckpt_dir, finished=False, step=run.step, max_steps=cfg.max_steps, stopped_by_signal=False)
+
+    # 9. The loop. A SIGTERM/SIGINT only sets a flag: the current step finishes, then we checkpoint and return.
+    report = _Report(run_dir, cfg, run, saved.run)
+    stopped_by_signal, completed = False, False
+    last_saved_step = run.step if resume_path is not None else -1
+    stop_requested = threading.Event()
+    previous_handlers = _install_stop_handlers(stop_requested)
+    try:
+        while run.step < cfg.max_steps:
+            # 9a–9c. Forward/backward, gradient norm, update (or skip a non-finite step), EMA, LR; stop agreed by all.
+            stop, lr = _optimiser_step(run, cfg, report.interval, stop_requested)
+            report.progress.update(1)
+
+            # 9d. Log, evaluate, checkpoint (rank 0 writes; the RNG gather inside _write_checkpoint is collective).
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps or stop:
+                report.log_interval(run, lr)
+            if eval_fn is not None and cfg.eval_every and run.step % cfg.eval_every == 0 and info.is_main:
+                report.evaluate(eval_fn, ema.module, run.step)
+            if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or stop:
+                _write_checkpoint(run, cfg, ckpt_dir, saved)
+                last_saved_step = run.step
+            if stop:
+                stopped_by_signal = True
+                _print0(info, f"stop requested: checkpoint written at step {run.step}, leaving the loop")
+                break
+
+        # 10. Final checkpoint + snapshot (unless this exact step was just written), and whether the run finished.
+        _finish(run, cfg, ckpt_dir, saved, written=last_saved_step == run.step, stopped_by_signal=stopped_by_signal)
+        completed = True
+    finally:
+        report.close()
+        _restore_handlers(previous_handlers)
+        # After a normal end every rank meets before the group goes: a rank that tears gloo down while a peer still
+        # finishes its last collective aborts that peer ("terminate called without an active exception", seen in CI).
+        # After an error there is no meeting (the peers may never come); leaving the group is all that is left.
+        cleanup_distributed(info, synchronize=completed)
+
+    return report.final | dict(
+        step=run.step, samples_seen=run.samples_seen, nonfinite_steps=run.nonfinite_total,
+        stopped_by_signal=int(stopped_by_signal), finished=int(run.step >= cfg.max_steps), max_steps=cfg.max_steps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The steps of train() with a name of their own: what a run holds between steps, and what builds, resumes, advances
+# and saves it.
+
+
+@dataclass
+class _SavedConfigs:
+    """The plain configs a run writes: ``run`` (config.yaml, checkpoints, the logger), ``trainer`` (checkpoints),
+    ``model`` (snapshots; ``None`` when the caller gave none), with the code version."""
+
+    run: Any
+    trainer: Any
+    model: Any
+    code_version: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, cfg: DictConfig, run_config: Mapping[str, Any] | None, model_config: Mapping[str, Any] | None):
+        trainer = _plain(cfg)
+        return cls(
+            run=_plain(run_config) if run_config is not None else trainer,
+            trainer=trainer,
+            model=_plain(model_config) if model_config is not None else None,
+            code_version=code_version(),
+        )
+
+
+@dataclass
+class _Run:
+    """What one training run holds between optimiser steps: the pieces a step uses and a checkpoint saves, and the
+    counters (``step``, ``samples_seen``, non-finite steps) that resume restores."""
+
+    info: DistInfo
+    model: nn.Module
+    loss_module: nn.Module  # forward = model.loss_dict; DDP-wrapped under torchrun
+    ema: EMA
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    amp_dtype: torch.dtype
+    autocast: torch.autocast
+    scaler: torch.amp.GradScaler
+    data: DataStream
+    global_batch: int  # samples per optimiser step over all ranks
+    loss_weights: dict[str, float]  # name → weight of the loss terms (weighted_total)
+    step: int = 0
+    samples_seen: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+def _loss_module(model: nn.Module, cfg: DictConfig, info: DistInfo) -> nn.Module:
+    """Step 5: ``model`` behind a forward that is its ``loss_dict``, wrapped in DDP under torchrun."""
+    loss_module: nn.Module = _LossDictForward(model)
+    if info.is_distributed:
+        device = info.device
+        loss_module = DistributedDataParallel(
+            loss_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.ddp_find_unused_parameters,
+        )
+    return loss_module
+
+
+def _init_from(model: nn.Module, cfg: DictConfig, info: DistInfo) -> None:
+    """Step 4: ``cfg.init_from``'s weights into ``model``; the file of an unfinished run only with
+    ``init_allow_partial`` (then with a warning)."""
+    reason = unfinished_reason(cfg.init_from)
+    if reason is not None:
+        if not cfg.init_allow_partial:
+            raise CheckpointError(f"init_from={reason}")
+        _print0(info, f"WARNING: init_from={reason} (allowed by init_allow_partial)")
+    _load_init_weights(model, cfg.init_from, cfg.init_allow_missing, cfg.init_allow_unexpected)
+
+
+def _build_run(
+    cfg: DictConfig,
+    info: DistInfo,
+    model: nn.Module,
+    loss_module: nn.Module,
+    ema: EMA,
+    train_set: Dataset,
+    collate_fn: Callable | None,
+) -> _Run:
+    """Step 7: AdamW over the trainable parameters, the warm-up/decay LR schedule, the precision policy (the only
+    place precision is decided, STYLE.md rule 8) and the data stream (``DistributedSampler`` sharding, also with world
+    size 1: one code path), at step 0."""
+    device = info.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -160,204 +287,203 @@ def train(
     amp_dtype = resolve_precision(cfg.precision, device)
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 only, as nanoGPT
-
-    # Data: sharded by DistributedSampler (also with world size 1: one code path), resumable mid-epoch.
     data = DataStream(
         train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_fn,
         pin_memory=device.type == "cuda", seed=cfg.seed, rank=info.rank, world_size=info.world_size,
     )
-    global_batch = cfg.batch_size * cfg.grad_accum_steps * info.world_size
+    return _Run(
+        info=info, model=model, loss_module=loss_module, ema=ema, params=params, optimizer=optimizer,
+        scheduler=scheduler, amp_dtype=amp_dtype, autocast=autocast, scaler=scaler, data=data,
+        global_batch=cfg.batch_size * cfg.grad_accum_steps * info.world_size, loss_weights=dict(cfg.loss_weights),
+    )
 
-    # 8. Resume the full training state (all ranks read the same file), or start at step 0.
-    step, samples_seen, nonfinite_total, nonfinite_in_a_row = 0, 0, 0, 0
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, map_location="cpu")
-        _load_state(model, ckpt["model"], resume_path, "model")
-        _load_state(ema.module, ckpt["ema"], resume_path, "ema")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, samples_seen = ckpt["step"], ckpt["samples_seen"]
-        nonfinite_total, nonfinite_in_a_row = ckpt["nonfinite"]["total"], ckpt["nonfinite"]["in_a_row"]
-        same_layout = ckpt["data"]["world_size"] == info.world_size and ckpt["data"]["batch_size"] == cfg.batch_size
-        if same_layout:
-            data.load_state_dict(ckpt["data"])
-            restore_rng_state(ckpt["rng"][info.rank])
-        else:
-            # Another sharding: the saved positions and per-rank RNG streams mean nothing any more; start a new epoch.
-            data.load_state_dict({"epoch": ckpt["data"]["epoch"] + 1, "batch_in_epoch": 0})
-            seed_everything((cfg.seed + step) * info.world_size + info.rank)
-            _print0(info, f"resume: world_size/batch_size changed since {resume_path}; data order restarts")
-        _print0(info, f"resumed from {resume_path} at step {step}")
-    if info.is_main:  # unfinished until the final snapshot of a run that reaches max_steps says otherwise
-        write_status(ckpt_dir, finished=False, step=step, max_steps=cfg.max_steps, stopped_by_signal=False)
 
-    def write_checkpoint() -> None:
-        # Every rank's RNG state is gathered (a collective: all ranks call this at the same step) so that a DDP
-        # resume continues each rank's dropout/noise stream exactly.
-        rng_states = [capture_rng_state()]
-        if info.is_distributed:
-            rng_states = [None] * info.world_size
-            dist.all_gather_object(rng_states, capture_rng_state())
-        if not info.is_main:
-            return
-        save_checkpoint(
-            ckpt_dir / "last.pt",
-            {
-                "model": model.state_dict(),
-                "ema": ema.module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "samples_seen": samples_seen,
-                "nonfinite": {"total": nonfinite_total, "in_a_row": nonfinite_in_a_row},
-                "rng": rng_states,
-                "data": {**data.state_dict(), "world_size": info.world_size, "batch_size": cfg.batch_size},
-                "finished": step >= cfg.max_steps,
-                "config": run_cfg_plain,
-                "trainer_config": trainer_cfg_plain,
-                "code_version": version,
-            },
+def _resume(run: _Run, path: Path, cfg: DictConfig) -> None:
+    """Step 8: the full training state of the checkpoint ``path`` into ``run`` (all ranks read the same file). The
+    data position and each rank's RNG streams continue exactly when the world size and batch size are the ones saved;
+    otherwise the data order restarts at the next epoch with a fresh seed."""
+    info = run.info
+    ckpt = load_checkpoint(path, map_location="cpu")
+    _load_state(run.model, ckpt["model"], path, "model")
+    _load_state(run.ema.module, ckpt["ema"], path, "ema")
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.step, run.samples_seen = ckpt["step"], ckpt["samples_seen"]
+    run.nonfinite_total, run.nonfinite_in_a_row = ckpt["nonfinite"]["total"], ckpt["nonfinite"]["in_a_row"]
+    same_layout = ckpt["data"]["world_size"] == info.world_size and ckpt["data"]["batch_size"] == cfg.batch_size
+    if same_layout:
+        run.data.load_state_dict(ckpt["data"])
+        restore_rng_state(ckpt["rng"][info.rank])
+    else:
+        # Another sharding: the saved positions and per-rank RNG streams mean nothing any more; start a new epoch.
+        run.data.load_state_dict({"epoch": ckpt["data"]["epoch"] + 1, "batch_in_epoch": 0})
+        seed_everything((cfg.seed + run.step) * info.world_size + info.rank)
+        _print0(info, f"resume: world_size/batch_size changed since {path}; data order restarts")
+    _print0(info, f"resumed from {path} at step {run.step}")
+
+
+def _optimiser_step(
+    run: _Run, cfg: DictConfig, interval: IntervalMeter, stop_requested: threading.Event
+) -> tuple[bool, float]:
+    """Steps 9a–9c: one optimiser step of ``run`` (``run.step`` += 1). Returns whether all ranks agreed to stop (a
+    signal reached one of them) and the LR this step used.
+
+    Raises:
+        FloatingPointError: the ``max_nonfinite_in_a_row``-th consecutive non-finite step.
+    """
+    info, device, scaler = run.info, run.info.device, run.scaler
+    # 9a. Forward/backward over grad_accum_steps micro-batches; DDP syncs gradients on the last one only.
+    bad = torch.zeros((), device=device)  # becomes 1 if any micro-batch loss is non-finite
+    for micro in range(cfg.grad_accum_steps):
+        batch = to_device(run.data.next(), device)
+        last_micro = micro == cfg.grad_accum_steps - 1
+        no_sync = run.loss_module.no_sync() if info.is_distributed and not last_micro else contextlib.nullcontext()
+        with no_sync:
+            with run.autocast:
+                terms = run.loss_module(batch)  # dict[str, 0-d Tensor]
+            total = weighted_total(terms, run.loss_weights)
+            # Dividing by the number of micro-batches makes accumulation equal one big batch's mean loss.
+            scaler.scale(total / cfg.grad_accum_steps).backward()
+        bad = torch.maximum(bad, (~torch.isfinite(total)).float())
+        interval.add_micro(terms, total)
+
+    # 9b. Gradient norm (clipped if configured); then all ranks agree whether to skip and whether to stop.
+    scaler.unscale_(run.optimizer)
+    max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm=max_norm)
+    if not scaler.is_enabled():
+        # fp16 overflow is the GradScaler's business (it skips and lowers the scale); otherwise it is ours.
+        bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float().to(device))
+    flags = torch.stack([bad, torch.tensor(float(stop_requested.is_set()), device=device)])
+    skip, stop = (all_reduce_max(flags, info) > 0).tolist()
+
+    # 9c. Update (or skip), EMA, LR.
+    if skip:
+        run.nonfinite_total += 1
+        run.nonfinite_in_a_row += 1
+        interval.end_step(applied=False)
+        scaler.update()  # clears the unscale_ record (fp16); a no-op otherwise
+        if run.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+            raise FloatingPointError(
+                f"{run.nonfinite_in_a_row} consecutive non-finite steps (loss or gradient) at step {run.step}, "
+                f"max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}; last terms: "
+                f"{ {k: float(v.detach()) for k, v in terms.items()} }"
+            )
+    else:
+        run.nonfinite_in_a_row = 0
+        scaler.step(run.optimizer)
+        scaler.update()
+        beta = ema_beta(
+            batch_samples=run.global_batch,
+            samples_seen=run.samples_seen,
+            halflife_samples=cfg.ema.halflife_ksamples * 1000,
+            rampup_ratio=cfg.ema.rampup_ratio,
         )
-        save_snapshot(
-            ckpt_dir / "snapshot.pt",
-            weights=ema.module.state_dict(),
-            model_config=_plain(model_config) if model_config is not None else None,
-            step=step,
-            code_version=version,
-        )
+        run.ema.update(run.model, beta)
+        interval.end_step(applied=True, grad_norm=float(grad_norm), ema_beta=beta)
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.optimizer.param_groups[0]["lr"]  # the LR this step used
+    with warnings.catch_warnings():
+        # The LR follows the step count, skipped steps included; torch warns if the very first step skipped.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        run.scheduler.step()
+    run.step += 1
+    run.samples_seen += run.global_batch
+    return bool(stop), lr
 
-    # 9. The loop. A SIGTERM/SIGINT only sets a flag: the current step finishes, then we checkpoint and return.
-    logger = RunLogger(
-        run_dir,
-        mode=cfg.logger.mode,
-        project=cfg.logger.project,
-        name=cfg.logger.name,
-        tags=list(cfg.logger.tags),
-        config=run_cfg_plain,
-        enabled=info.is_main,
+
+class _Report:
+    """What a run reports (rank 0 writes): the logger (``metrics.jsonl``, wandb), the progress bar, the meter of the
+    current log interval, and ``final``, the last logged averages and evaluation scalars that :func:`train` returns."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, run: _Run, run_config: Any) -> None:
+        info = run.info
+        self.logger = RunLogger(run_dir, mode=cfg.logger.mode, project=cfg.logger.project, name=cfg.logger.name,
+                                tags=list(cfg.logger.tags), config=run_config, enabled=info.is_main)
+        self.progress = progress_bar(total=cfg.max_steps, initial=run.step, desc=f"train {run_dir.name}",
+                                     enabled=info.is_main and cfg.progress_bar, unit="step", leave=False)
+        self.interval = IntervalMeter()
+        self.final: dict[str, float] = {}
+        self.loss_smooth = math.nan  # EMA of the logged total loss, for the bar
+        _print0(info, f"training {sum(p.numel() for p in run.params):,} parameters on {info.device} (world size "
+                      f"{info.world_size}, {run.amp_dtype}), global batch {run.global_batch}, steps {run.step} → "
+                      f"{cfg.max_steps}")
+
+    def log_interval(self, run: _Run, lr: float) -> None:
+        """Step 9d: the interval's averages into ``final`` and the log (``eval/*`` keys are the evaluation's to log),
+        the smoothed loss on the bar."""
+        self.final.update(self.interval.flush(global_batch=run.global_batch, lr=lr))
+        self.final.update(nonfinite_steps=run.nonfinite_total, epoch=run.data.epoch)
+        self.logger.log({k: v for k, v in self.final.items() if not k.startswith("eval/")}, run.step)
+        loss = self.final.get("loss/total", math.nan)
+        self.loss_smooth = loss if not math.isfinite(self.loss_smooth) else 0.9 * self.loss_smooth + 0.1 * loss
+        self.progress.set_postfix(loss=f"{self.loss_smooth:.4g}", refresh=False)
+
+    def evaluate(self, eval_fn: EvalFn, ema_model: nn.Module, step: int) -> None:
+        """Step 9d: ``eval_fn`` on the EMA model, logged (:func:`_run_eval`); its scalars into ``final``."""
+        self.final.update(_run_eval(eval_fn, ema_model, step, self.logger))
+
+    def close(self) -> None:
+        self.progress.close()
+        self.logger.close()
+
+
+def _finish(
+    run: _Run, cfg: DictConfig, ckpt_dir: Path, saved: _SavedConfigs, *, written: bool, stopped_by_signal: bool
+) -> None:
+    """Step 10: the final checkpoint + snapshot (unless ``written`` at this step already), then ``status.json`` says
+    whether the run reached ``max_steps``."""
+    if not written:
+        _write_checkpoint(run, cfg, ckpt_dir, saved)
+    if run.info.is_main:
+        write_status(ckpt_dir, finished=run.step >= cfg.max_steps, step=run.step, max_steps=cfg.max_steps,
+                     stopped_by_signal=stopped_by_signal)
+
+
+def _write_checkpoint(run: _Run, cfg: DictConfig, ckpt_dir: Path, saved: _SavedConfigs) -> None:
+    """The full training state (``last.pt``) and the EMA snapshot (``snapshot.pt``) of ``run`` at its step.
+
+    Every rank's RNG state is gathered (a collective: all ranks call this at the same step) so that a DDP resume
+    continues each rank's dropout/noise stream exactly; rank 0 writes.
+    """
+    info = run.info
+    rng_states = [capture_rng_state()]
+    if info.is_distributed:
+        rng_states = [None] * info.world_size
+        dist.all_gather_object(rng_states, capture_rng_state())
+    if not info.is_main:
+        return
+    save_checkpoint(
+        ckpt_dir / "last.pt",
+        {
+            "model": run.model.state_dict(),
+            "ema": run.ema.module.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "step": run.step,
+            "samples_seen": run.samples_seen,
+            "nonfinite": {"total": run.nonfinite_total, "in_a_row": run.nonfinite_in_a_row},
+            "rng": rng_states,
+            "data": {**run.data.state_dict(), "world_size": info.world_size, "batch_size": cfg.batch_size},
+            "finished": run.step >= cfg.max_steps,
+            "config": saved.run,
+            "trainer_config": saved.trainer,
+            "code_version": saved.code_version,
+        },
     )
-    weights = dict(cfg.loss_weights)
-    interval = IntervalMeter()
-    final: dict[str, float] = {}
-    stopped_by_signal = False
-    last_saved_step = step if resume_path is not None else -1
-    progress = progress_bar(total=cfg.max_steps, initial=step, enabled=info.is_main and cfg.progress_bar,
-                            desc=f"train {run_dir.name}", unit="step", leave=False)
-    loss_smooth = math.nan  # EMA of the logged total loss, for the bar
-    stop_requested = threading.Event()
-    previous_handlers = _install_stop_handlers(stop_requested)
-    _print0(
-        info,
-        f"training {sum(p.numel() for p in params):,} parameters on {device} (world size {info.world_size}, "
-        f"{amp_dtype}), global batch {global_batch}, steps {step} → {cfg.max_steps}",
+    save_snapshot(
+        ckpt_dir / "snapshot.pt",
+        weights=run.ema.module.state_dict(),
+        model_config=saved.model,
+        step=run.step,
+        code_version=saved.code_version,
     )
-    completed = False
-    try:
-        while step < cfg.max_steps:
-            # 9a. Forward/backward over grad_accum_steps micro-batches; DDP syncs gradients on the last one only.
-            bad = torch.zeros((), device=device)  # becomes 1 if any micro-batch loss is non-finite
-            for micro in range(cfg.grad_accum_steps):
-                batch = to_device(data.next(), device)
-                last_micro = micro == cfg.grad_accum_steps - 1
-                no_sync = loss_module.no_sync() if info.is_distributed and not last_micro else contextlib.nullcontext()
-                with no_sync:
-                    with autocast:
-                        terms = loss_module(batch)  # dict[str, 0-d Tensor]
-                    total = weighted_total(terms, weights)
-                    # Dividing by the number of micro-batches makes accumulation equal one big batch's mean loss.
-                    scaler.scale(total / cfg.grad_accum_steps).backward()
-                bad = torch.maximum(bad, (~torch.isfinite(total)).float())
-                interval.add_micro(terms, total)
-
-            # 9b. Gradient norm (clipped if configured); then all ranks agree whether to skip and whether to stop.
-            scaler.unscale_(optimizer)
-            max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
-            if not scaler.is_enabled():
-                # fp16 overflow is the GradScaler's business (it skips and lowers the scale); otherwise it is ours.
-                bad = torch.maximum(bad, (~torch.isfinite(grad_norm)).float().to(device))
-            flags = torch.stack([bad, torch.tensor(float(stop_requested.is_set()), device=device)])
-            skip, stop = (all_reduce_max(flags, info) > 0).tolist()
-
-            # 9c. Update (or skip), EMA, LR.
-            if skip:
-                nonfinite_total += 1
-                nonfinite_in_a_row += 1
-                interval.end_step(applied=False)
-                scaler.update()  # clears the unscale_ record (fp16); a no-op otherwise
-                if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_a_row} consecutive non-finite steps (loss or gradient) at step {step}, "
-                        f"max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}; last terms: "
-                        f"{ {k: float(v.detach()) for k, v in terms.items()} }"
-                    )
-            else:
-                nonfinite_in_a_row = 0
-                scaler.step(optimizer)
-                scaler.update()
-                beta = ema_beta(
-                    batch_samples=global_batch,
-                    samples_seen=samples_seen,
-                    halflife_samples=cfg.ema.halflife_ksamples * 1000,
-                    rampup_ratio=cfg.ema.rampup_ratio,
-                )
-                ema.update(model, beta)
-                interval.end_step(applied=True, grad_norm=float(grad_norm), ema_beta=beta)
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]  # the LR this step used
-            with warnings.catch_warnings():
-                # The LR follows the step count, skipped steps included; torch warns if the very first step skipped.
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-                scheduler.step()
-            step += 1
-            samples_seen += global_batch
-            progress.update(1)
-
-            # 9d. Log, evaluate, checkpoint (rank 0 writes; the RNG gather inside write_checkpoint is collective).
-            if step % cfg.log_every == 0 or step == cfg.max_steps or stop:
-                final.update(interval.flush(global_batch=global_batch, lr=lr))
-                final.update(nonfinite_steps=nonfinite_total, epoch=data.epoch)
-                logger.log({k: v for k, v in final.items() if not k.startswith("eval/")}, step)
-                loss = final.get("loss/total", math.nan)
-                loss_smooth = loss if not math.isfinite(loss_smooth) else 0.9 * loss_smooth + 0.1 * loss
-                progress.set_postfix(loss=f"{loss_smooth:.4g}", refresh=False)
-            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and info.is_main:
-                final.update(_run_eval(eval_fn, ema.module, step, logger))
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stop:
-                write_checkpoint()
-                last_saved_step = step
-            if stop:
-                stopped_by_signal = True
-                _print0(info, f"stop requested: checkpoint written at step {step}, leaving the loop")
-                break
-
-        # 10. Final checkpoint + snapshot (unless this exact step was just written).
-        if last_saved_step != step:
-            write_checkpoint()
-        if info.is_main:
-            write_status(ckpt_dir, finished=step >= cfg.max_steps, step=step,
-                         max_steps=cfg.max_steps, stopped_by_signal=stopped_by_signal)
-        completed = True
-    finally:
-        progress.close()
-        logger.close()
-        _restore_handlers(previous_handlers)
-        # After a normal end every rank meets before the group goes: a rank that tears gloo down while a peer still
-        # finishes its last collective aborts that peer ("terminate called without an active exception", seen in CI).
-        # After an error there is no meeting (the peers may never come); leaving the group is all that is left.
-        cleanup_distributed(info, synchronize=completed)
-
-    final.update(
-        step=step, samples_seen=samples_seen, nonfinite_steps=nonfinite_total, stopped_by_signal=int(stopped_by_signal),
-        finished=int(step >= cfg.max_steps), max_steps=cfg.max_steps,
-    )
-    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Pieces of the loop with a name of their own.
+# Pieces of the loop that others use too.
 
 
 def compile_for_training(model: nn.Module, setting: Any = True) -> list[nn.Module]:

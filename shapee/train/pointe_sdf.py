@@ -20,11 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shapee.data.dataset import AssetDataset, collate_assets
+from shapee.io.safe import instantiate_model
 from shapee.models.pointe_sdf import PointESDF
 from shapee.train.loop import train
 from shapee.train.rng import seed_everything
-
-_TARGETS = ("shapee.models.pointe_sdf.PointESDF", "shapee.models.PointESDF")
 
 
 @torch.no_grad()
@@ -72,16 +71,17 @@ def train_pointe_sdf(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     """Train :class:`PointESDF` from a composed ``train_pointe_sdf.yaml`` config; returns the loop's final metrics."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    target = model_cfg.pop("_target_", _TARGETS[0])
-    if target not in _TARGETS:
-        raise ValueError(f"train_pointe_sdf trains a {_TARGETS[0]}, got model._target_={target!r}")
     seed_everything(int(cfg.trainer.seed))  # the initial weights follow trainer.seed (see train_encoder)
-    model = PointESDF(**model_cfg)
+    # Built as at load time (allow-listed _target_, shapee.io.safe), from the config its snapshot keeps.
+    model = instantiate_model(
+        model_cfg, source="train_pointe_sdf: model", expected="shapee.models.pointe_sdf.PointESDF", error=ValueError
+    )
     if cfg.get("init_official"):
         # The released sdf.pt (official layout, strict); ignored on resume, where the loop loads our checkpoint.
         from shapee.io.official_pointe import load_official_pointe_sdf
 
-        model.load_state_dict(load_official_pointe_sdf(cfg.init_official, **model_cfg).state_dict(), strict=True)
+        sizes = {k: v for k, v in model_cfg.items() if k != "_target_"}
+        model.load_state_dict(load_official_pointe_sdf(cfg.init_official, **sizes).state_dict(), strict=True)
 
     dataset = AssetDataset(cfg.data.root, load_targets=False, load_sdf=True, n_points=model.n_ctx)
     holdout = int(cfg.eval.holdout)
@@ -102,6 +102,6 @@ def train_pointe_sdf(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
         run_dir=cfg.run_dir,
         collate_fn=collate_assets,
         eval_fn=eval_fn,
-        model_config={"_target_": _TARGETS[0], **model_cfg},
+        model_config=model_cfg,
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
