@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from shapee.runtime import query_chunk
+
 __all__ = [
     "DEFAULT_GRID_SIZE",
     "SdfFn",
@@ -48,23 +50,18 @@ def _check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
     return float(bounds[0]), float(bounds[1])
 
 
-def default_chunk(device: torch.device | str | None) -> int:
-    """Points per query call on ``device``: 4096 on CPU, 65536 elsewhere.
+GPU_GRID_CHUNK = 2**16  # points per grid query call on a GPU ("auto"); the CPU's is runtime.CPU_QUERY_CHUNK
 
-    Measured (release-size NeRSTF MLP, 2^17 points, 1 thread): 1.03 CPU-s in chunks of 4096 vs 1.61 in chunks of
-    65536; large chunks spill the caches and page in fresh activation buffers every call. On a GPU a chunk only needs
-    to be large enough to fill the device.
-    """
-    return 4096 if torch.device(device or "cpu").type == "cpu" else 2**16
+
+def default_chunk(device: torch.device | str | None) -> int:
+    """Points per grid query call that ``chunk="auto"`` means on ``device`` (:func:`shapee.runtime.query_chunk`):
+    4096 on CPU, 65536 elsewhere."""
+    return query_chunk("auto", device, gpu=GPU_GRID_CHUNK)
 
 
 def resolve_chunk(chunk: int | None | str, device: torch.device | str | None) -> int | None:
     """``"auto"`` → :func:`default_chunk` of ``device``; a positive int or None (no chunking) as given."""
-    if isinstance(chunk, str):
-        if chunk != "auto":
-            raise ValueError(f"chunk must be a positive number of points, None or 'auto', got {chunk!r}")
-        return default_chunk(device)
-    return chunk
+    return query_chunk(chunk, device, gpu=GPU_GRID_CHUNK)
 
 
 def chunked(fn: Callable[[Tensor], Tensor], points: Tensor, chunk: int | None) -> Tensor:

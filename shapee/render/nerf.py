@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from shapee.cameras import Cameras
+from shapee.runtime import query_chunk
 
 __all__ = [
     "QueryFn",
@@ -63,7 +64,6 @@ BOTH_LEVELS = "both"
 # Points per field call on CPU. Measured, release-size NeRSTF MLP over 2^18 points: 0.92 s in calls of 4096
 # points and 1.74 s in calls of 65,536 at 2 threads; at 1 thread 1.8 CPU-s at 4096, 1.9 at 2048 and 16,384, 3.2
 # at 65,536 (of which 1.3 s system time: page faults of the fresh activation buffers).
-CPU_QUERY_CHUNK = 4096
 
 # Reference §3: a ray "hits" the box only if the clipped segment is longer than this (world units).
 MIN_HIT_LENGTH = 1e-3
@@ -313,17 +313,13 @@ def integrate_samples(
 
 # ----------------------------------------------------------------------------------------------- rendering
 def default_query_chunk(device: torch.device | str) -> int | None:
-    """Points per field call that ``query_chunk="auto"`` means on ``device``: 4096 on CPU, no limit elsewhere."""
-    return CPU_QUERY_CHUNK if torch.device(device).type == "cpu" else None
+    """Points per field call that ``query_chunk="auto"`` means on ``device`` (:func:`shapee.runtime.query_chunk`):
+    4096 on CPU, no limit elsewhere (the rays are already chunked)."""
+    return query_chunk("auto", device, gpu=None)
 
 
-def _resolve_query_chunk(query_chunk: int | str | None, device: torch.device) -> int | None:
-    if query_chunk == "auto":
-        return default_query_chunk(device)
-    if query_chunk is not None and (isinstance(query_chunk, (str, bool)) or int(query_chunk) != query_chunk
-                                    or query_chunk < 1):
-        raise ValueError(f"query_chunk must be a positive integer, None or 'auto', got {query_chunk!r}")
-    return query_chunk
+def _resolve_query_chunk(chunk: int | str | None, device: torch.device) -> int | None:
+    return query_chunk(chunk, device, gpu=None, name="query_chunk")
 
 
 def _check_answer(answer: object, points: Tensor, level: str) -> tuple[Tensor, Tensor]:
