@@ -197,7 +197,8 @@ def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: list[
             options = [line.strip() for line in text.splitlines()[2:] if line.strip()]
             raise UserError(f"{group} is not set: pass {group}={'|'.join(options)}") from None
         if key and text.startswith("Could not override"):
-            bad = next(a for a in overrides if _override_key(a)[0] == key)
+            key = text.split("'")[1]  # the override's key: the cause names its first missing part (trainr of trainr.x)
+            bad = next((a for a in overrides if _override_key(a)[0] == key), key)
             raise UserError(f"{key}= is not a setting{_where(overrides)}{_nearest(key, _compose, overrides, bad)}") \
                 from None
         if key:
