@@ -207,6 +207,21 @@ def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: list[
         raise UserError(text.splitlines()[0]) from None
 
 
+def check_command_line(script: str, config_dir: str | os.PathLike, argv: list[str] | None = None) -> None:
+    """What every Hydra script in ``scripts/`` runs before ``@hydra.main`` parses its command line: a renamed key
+    (:func:`refuse_renamed_keys`), then a key ``configs/<script>.yaml`` does not have, a value of the wrong type or
+    a config group option that does not exist (:func:`check_overrides`), each as one line on stderr and exit code 2
+    (:func:`user_errors`), in the second it takes to compose the config, before anything heavy is imported. Register
+    the script's ConfigStore schemas first."""
+
+    @user_errors(script)
+    def check() -> None:
+        refuse_renamed_keys(script, argv)
+        check_overrides(config_dir, script, argv)
+
+    check()
+
+
 def _where(overrides: list[str]) -> str:
     """`` of task=<choice>`` when the command line picks a task."""
     task = dict(_override_key(a) for a in overrides).get("task")
