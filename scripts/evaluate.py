@@ -12,8 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from shapee.cli import (
-    UserError, check_overrides, refuse_renamed_keys, require_dataset, require_file, require_files, require_key,
-    user_errors,
+    UserError, check_command_line, require_dataset, require_file, require_files, require_key, user_errors,
 )
 from shapee.eval.config import TASKS, merge_settings, register_configs
 
@@ -37,13 +36,6 @@ def check_inputs(cfg: DictConfig) -> None:
         raise UserError(str(e)) from None
 
 
-@user_errors("evaluate")
-def check_command_line() -> None:
-    """Old keys, unknown keys, wrong types and an unset or unknown task= as one line (exit 2), before Hydra runs."""
-    refuse_renamed_keys("evaluate")
-    check_overrides(CONFIGS, "evaluate")
-
-
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 @user_errors("evaluate", "builtins.FileNotFoundError")
 def main(cfg: DictConfig) -> None:
@@ -58,5 +50,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_configs()  # the task schemas that configs/task/*.yaml extend
-    check_command_line()
+    check_command_line("evaluate", CONFIGS)  # a bad command line: one line, exit 2, before Hydra parses it
     main()

@@ -3,10 +3,14 @@
     python scripts/export.py format=diffusers prior=<prior snapshot> transmitter=<encoder snapshot> out=<folder>
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import UserError, require_key, require_weights, user_errors
+from shapee.cli import UserError, check_command_line, require_key, require_weights, user_errors
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # @hydra.main's config_path
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -35,4 +39,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("export", CONFIGS)  # a bad command line: one line, exit 2, before Hydra parses it
     main()

@@ -10,11 +10,14 @@ recorded failures too unless retry_failed=true.
 """
 
 import json
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import refuse_renamed_keys, require_dataset, require_file, require_finished, require_key, user_errors
+from shapee.cli import check_command_line, require_dataset, require_file, require_finished, require_key, user_errors
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # @hydra.main's config_path
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="extract_latents")
@@ -32,5 +35,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_renamed_keys("extract_latents")
+    check_command_line("extract_latents", CONFIGS)  # a bad command line: one line, exit 2, before Hydra parses it
     main()

@@ -8,11 +8,14 @@ Resumes (assets already in the manifest are skipped); broken assets go to out/fa
 """
 
 import json
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import fail, user_errors
+from shapee.cli import check_command_line, fail, user_errors
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # @hydra.main's config_path
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="prepare_data")
@@ -29,4 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("prepare_data", CONFIGS)  # a bad command line: one line, exit 2, before Hydra parses it
     main()

@@ -11,8 +11,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from shapee.cli import (
-    UserError, check_overrides, is_diffusers_folder, progress_enabled, refuse_renamed_keys, require_weights,
-    user_errors,
+    UserError, check_command_line, is_diffusers_folder, progress_enabled, require_weights, user_errors,
 )
 from shapee.settings import register_sample_config
 
@@ -50,13 +49,6 @@ def check_inputs(cfg: DictConfig) -> None:
                 raise UserError(f"image={str(path)!r}: no such file; pass image=<image file>")
 
 
-@user_errors("sample")
-def check_command_line() -> None:
-    """Old keys, unknown keys and wrong types as one line (exit 2), before Hydra runs."""
-    refuse_renamed_keys("sample")
-    check_overrides(CONFIGS, "sample")
-
-
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
 @user_errors("sample", "builtins.ValueError", "builtins.FileNotFoundError",
              "shapee.conditioning.clip.CLIPUnavailableError", "shapee.io.download.OfficialDownloadError")
@@ -72,5 +64,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_sample_config()  # the schema configs/sample.yaml extends (shapee.settings.SampleConfig)
-    check_command_line()
+    check_command_line("sample", CONFIGS)  # a bad command line: one line, exit 2, before Hydra parses it
     main()

@@ -7,11 +7,14 @@
 """
 
 import json
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import StageInterrupted, check_training_inputs, refuse_renamed_keys, user_errors
+from shapee.cli import StageInterrupted, check_command_line, check_training_inputs, user_errors
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # @hydra.main's config_path
 
 DATA_HINT = "<folder of latents (scripts/extract_latents.py)>"
 
@@ -29,5 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    refuse_renamed_keys("train_diffusion")
+    check_command_line("train_diffusion", CONFIGS)  # a bad command line: one line, exit 2, before Hydra parses it
     main()

@@ -6,11 +6,14 @@
 """
 
 import json
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from shapee.cli import StageInterrupted, check_training_inputs, require_file, user_errors
+from shapee.cli import StageInterrupted, check_command_line, check_training_inputs, require_file, user_errors
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # @hydra.main's config_path
 
 DATA_HINT = "<folder of prepared records (scripts/prepare_data.py)>"
 
@@ -30,4 +33,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("train_encoder", CONFIGS)  # a bad command line: one line, exit 2, before Hydra parses it
     main()

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+from pytorch3d.renderer import FoVPerspectiveCameras
 from torch import Tensor
 
 # Blender's default 50 mm lens on a 36 mm sensor: the field of view of the official training renders (§6.2).
@@ -245,8 +246,6 @@ def to_pytorch3d(cameras: Cameras, znear: float = 0.1, zfar: float = 100.0):
     PyTorch3D's view frame is +X left, +Y up, +Z forward, with row-vector transforms ``X_view = X_world @ R + T``;
     so R's columns are (−x, −y, z) and ``T = −origin @ R``.
     """
-    from pytorch3d.renderer import FoVPerspectiveCameras
-
     if cameras.width != cameras.height or abs(cameras.x_fov - cameras.y_fov) > 1e-9:
         raise ValueError(
             f"PyTorch3D rendering needs square images with x_fov == y_fov, got {cameras.width}×{cameras.height}, "

@@ -13,12 +13,20 @@ This module imports no torch, so that the checks run before anything heavy is lo
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from shapee.runstatus import unfinished_reason
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 3
@@ -104,8 +112,6 @@ def _one_line(e: BaseException) -> str:
 
 def _get(cfg: Any, key: str) -> Any:
     """``cfg[a][b]`` for ``key="a.b"`` (DictConfig or plain mapping); ``None`` when unset, absent or ``???``."""
-    from omegaconf import OmegaConf
-
     node = cfg
     for part in key.split("."):
         if OmegaConf.is_config(node):
@@ -165,9 +171,6 @@ def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: list[
     (with the nearest known key), a value of the wrong type, a config group left unset or set to an option that does
     not exist. Call before ``@hydra.main`` runs, after any ConfigStore registration; a command line with Hydra flags
     (``--cfg``, ``-m``, ...) is left to Hydra."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a.startswith("-") for a in argv):
         return
@@ -194,7 +197,8 @@ def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: list[
             options = [line.strip() for line in text.splitlines()[2:] if line.strip()]
             raise UserError(f"{group} is not set: pass {group}={'|'.join(options)}") from None
         if key and text.startswith("Could not override"):
-            bad = next(a for a in overrides if _override_key(a)[0] == key)
+            key = text.split("'")[1]  # the override's key: the cause names its first missing part (trainr of trainr.x)
+            bad = next((a for a in overrides if _override_key(a)[0] == key), key)
             raise UserError(f"{key}= is not a setting{_where(overrides)}{_nearest(key, _compose, overrides, bad)}") \
                 from None
         if key:
@@ -203,20 +207,31 @@ def check_overrides(config_dir: str | os.PathLike, config_name: str, argv: list[
         raise UserError(text.splitlines()[0]) from None
 
 
+def check_command_line(script: str, config_dir: str | os.PathLike, argv: list[str] | None = None) -> None:
+    """What every Hydra script in ``scripts/`` runs before ``@hydra.main`` parses its command line: a renamed key
+    (:func:`refuse_renamed_keys`), then a key ``configs/<script>.yaml`` does not have, a value of the wrong type or
+    a config group option that does not exist (:func:`check_overrides`), each as one line on stderr and exit code 2
+    (:func:`user_errors`), in the second it takes to compose the config, before anything heavy is imported. Register
+    the script's ConfigStore schemas first."""
+
+    @user_errors(script)
+    def check() -> None:
+        refuse_renamed_keys(script, argv)
+        check_overrides(config_dir, script, argv)
+
+    check()
+
+
 def _where(overrides: list[str]) -> str:
     """`` of task=<choice>`` when the command line picks a task."""
     task = dict(_override_key(a) for a in overrides).get("task")
     return f" of task={task}" if task else ""
 
 
-def _nearest(key: str, compose: Callable, overrides: list[str], bad: str) -> str:
+def _nearest(key: str, compose_with: Callable, overrides: list[str], bad: str) -> str:
     """``; did you mean <k>=?`` with the known key nearest to ``key`` (the config composed without ``bad``)."""
-    import difflib
-
-    from omegaconf import OmegaConf
-
     try:
-        cfg = compose([a for a in overrides if a != bad])
+        cfg = compose_with([a for a in overrides if a != bad])
     except Exception:
         return ""
     known: list[str] = []
@@ -329,8 +344,6 @@ def require_finished(cfg: Any, key: str, path: Path | None) -> None:
     says so), unless the config sets ``allow_partial=true``."""
     if path is None or _get(cfg, "allow_partial"):
         return
-    from shapee.runstatus import unfinished_reason
-
     reason = unfinished_reason(path)
     if reason is not None:
         raise UserError(f"{key}={reason}")
@@ -373,7 +386,5 @@ def progress_enabled(setting: bool | None = True) -> bool:
 def progress_bar(iterable: Iterable | None = None, *, enabled: bool | None = True, **kwargs: Any):
     """A tqdm bar (on stderr) shown by the rule of :func:`progress_enabled`; a disabled one costs nothing and
     prints nothing. ``kwargs`` go to tqdm (``total``, ``desc``, ``unit``, ``initial``, ...)."""
-    from tqdm import tqdm
-
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, disable=not progress_enabled(enabled), file=sys.stderr, **kwargs)

@@ -36,11 +36,15 @@ from torch import Tensor
 
 from shapee.cameras import orbit_cameras
 from shapee.cli import refuse_renamed_kwargs
+from shapee.data.mesh import Mesh, to_data_mesh
+from shapee.data.render import render_views
+from shapee.io.download import fetch_official
 from shapee.runtime import resolve_device, sync  # noqa: F401  (resolve_device: re-exported, its old home)
 from shapee.io.loading import load_prior, load_transmitter  # noqa: F401  (load_prior: re-exported, its old home)
 from shapee.models import meshing
 from shapee.render.grid import DEFAULT_GRID_SIZE
 from shapee.render.mesh import TensorMesh
+from shapee.render.texture import bake_mesh
 
 __all__ = [
     "Generation",
@@ -135,8 +139,6 @@ class _To3D(ABC):
         """
         dev = resolve_device(device)
         if official:
-            from shapee.io.download import fetch_official
-
             if prior is None:
                 prior = fetch_official(cls.official_prior, directory=cache_dir, offline=offline)
             if transmitter is None:
@@ -273,8 +275,6 @@ class _To3D(ABC):
         ``faces`` (None: as extracted), then a UV atlas + ``texture²`` texture baked from the colour head
         ``texture_head`` (``stf`` / ``nerf``; None: ``head``), or (``texture=0``) vertex colours re-queried
         at the decimated vertices. Returns ``trimesh.Trimesh`` per sample."""
-        from shapee.render.texture import bake_mesh
-
         colour_head = texture_head or head
         latents = latents.to(self.device)
         return [bake_mesh(meshing.transmitter_colour_fn(self.transmitter, latents[s], colour_head), v, f, texture_size=texture,
@@ -298,10 +298,6 @@ class _To3D(ABC):
         if head == "nerf":
             rgb = self.transmitter.render_nerf(latents.to(self.device), cameras, deterministic=True)["rgb"]
             return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # [S, V, H, W, 3]
-        from shapee.data.mesh import Mesh
-        from shapee.data.render import render_views
-        from shapee.data.mesh import to_data_mesh
-
         frames = torch.zeros(len(meshes), views, resolution, resolution, 3, dtype=torch.uint8)  # [S, V, H, W, 3]
         for s, item in enumerate(meshes):  # a loop over samples, not pixels
             if not isinstance(item, tuple):  # a trimesh.Trimesh in export form

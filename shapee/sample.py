@@ -13,9 +13,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
 from torch import Tensor
 
+from shapee.io.diffusers_format import is_diffusers_folder
+from shapee.io.gif import write_gif
+from shapee.io.mesh import MESH_FORMATS, export_mesh
 from shapee.pipeline import HEADS, ImageTo3D, TextTo3D, _image_inputs
+from shapee.settings import SampleConfig, merge_settings
 
 __all__ = ["format_report", "sample_assets", "slugify"]
 
@@ -35,8 +40,6 @@ def _as_list(value) -> list:
 
 
 def _atomic_save_latent(latent: Tensor, path: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -85,19 +88,12 @@ def sample_assets(cfg: Mapping[str, Any]) -> dict[str, Any]:
         ValueError: no/both/empty prompt and image, bad options. FileNotFoundError: a missing image or checkpoint.
         CheckpointError / EncoderLoadError / OfficialDownloadError: a checkpoint that cannot be used, naming it.
     """
-    from shapee.io.gif import write_gif
-    from shapee.io.mesh import MESH_FORMATS, export_mesh
-
-    from shapee.settings import SampleConfig, merge_settings
-
     s = merge_settings(SampleConfig, cfg)
     prompts, images = _as_list(s.prompt), _as_list(s.image)
     if bool(prompts) == bool(images):
         raise ValueError('give exactly one of prompt="a red cube" (or a list of prompts) and image=<path>')
     checkpoint = s.checkpoint
     if checkpoint not in ("ours", "official"):
-        from shapee.io.diffusers_format import is_diffusers_folder
-
         if not is_diffusers_folder(str(checkpoint)):
             raise ValueError(
                 f"checkpoint must be 'ours', 'official' or a diffusers Shap-E folder (with prior/ and "

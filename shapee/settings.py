@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -69,8 +70,6 @@ class SampleConfig(SamplingConfig):
 def register_sample_config() -> None:
     """Store :class:`SampleConfig` with Hydra's ConfigStore as ``sample_schema``, the first entry of
     ``configs/sample.yaml``'s defaults list. Call before composing that config (the script and the tests do)."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
 
 

@@ -4,6 +4,7 @@ stage; prepare_data exits non-zero when no record was produced."""
 
 from __future__ import annotations
 
+import ast
 import json
 import signal
 import subprocess
@@ -14,7 +15,14 @@ from pathlib import Path
 import pytest
 from _tiny_data import REPO, run_script, tiny_records
 
+from shapee.cli import check_command_line
+from shapee.eval.config import register_configs
+from shapee.settings import register_sample_config
+
 ASSETS_BAD = REPO.parent / "shared" / "assets" / "bad"  # broken meshes
+CONFIGS = REPO / "configs"
+HYDRA_SCRIPTS = ["prepare_data", "train_encoder", "train_diffusion", "train_pointe_sdf", "extract_latents", "export",
+                 "evaluate", "sample"]
 
 FAST_S = 15.0  # loose: the point is that no model is built (the real encoder takes ~30 s to build on this CPU)
 
@@ -182,3 +190,75 @@ def test_evaluate_unknown_key_is_one_line(tmp_path):
     line = _user_error(*_timed("evaluate.py", "task=encoder", f"transmitter={tmp_path / 'e.pt'}",
                                f"data.root={records}", "+grid_sise=64"), "evaluate")
     assert "unknown setting 'grid_sise'" in line
+
+
+def _refusal(capsys, script: str, *argv: str) -> str | None:
+    """What ``scripts/<script>.py argv`` gets from :func:`check_command_line` before Hydra runs (in this process): its
+    one stderr line (exit code 2), or None when the command line is accepted."""
+    register_configs()
+    register_sample_config()
+    try:
+        check_command_line(script, CONFIGS, list(argv))
+    except SystemExit as e:
+        assert e.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+    return None
+
+
+def test_every_hydra_script_checks_its_command_line_before_hydra_parses_it():
+    # A new @hydra.main script gets the one-line refusals below only if its __main__ block calls the check first.
+    scripts = [p for p in sorted((REPO / "scripts").glob("*.py")) if "@hydra.main" in p.read_text()]
+    assert sorted(p.stem for p in scripts) == sorted(HYDRA_SCRIPTS)
+    for path in scripts:
+        tree = ast.parse(path.read_text())
+        block = next(n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
+        calls = [ast.unparse(n.value) for n in block.body if isinstance(n, ast.Expr)]
+        assert calls[-2:] == [f"check_command_line({path.stem!r}, CONFIGS)", "main()"], path.name
+
+
+@pytest.mark.parametrize("script, argv, line", [
+    ("prepare_data", ["reslution=64"], "reslution= is not a setting; did you mean resolution=?"),
+    ("train_encoder", ["trainr.seed=1"], "trainr.seed= is not a setting; did you mean trainer.seed=?"),
+    ("train_encoder", ["model.encoder.widht=8"], "model.encoder.widht= is not a setting; did you mean "
+                                                  "model.encoder.width=?"),
+    ("train_diffusion", ["trainer.max_step=3"], "trainer.max_step= is not a setting; did you mean trainer.max_steps=?"),
+    ("train_pointe_sdf", ["data.rot=r"], "data.rot= is not a setting; did you mean data.root=?"),
+    ("extract_latents", ["batchsize=2"], "batchsize= is not a setting; did you mean batch_size=?"),
+    ("export", ["fromat=diffusers"], "fromat= is not a setting; did you mean format=?"),
+    ("evaluate", ["task=encoder", "grid_sise=64"], "grid_sise= is not a setting of task=encoder; did you mean "
+                                                   "grid_size=?"),
+    ("sample", ["guidance=3"], "guidance= is not a setting; did you mean guidance_scale=?"),
+    ("train_encoder", ["stage=nerff"], "stage=nerff: no such option; pass stage=distill|finetune|nerf"),
+    ("train_diffusion", ["cond=txt"], "cond=txt: no such option; pass cond=image|text"),
+    ("prepare_data", ["data=toys"], "data=toys: no such option; pass data="),
+    ("sample", ["steps=many"], "steps=many: Value 'many' of type 'str' could not be converted to Integer"),
+    ("train_diffusion", ["decoder=x.pt"], "decoder= was renamed to transmitter=: pass transmitter=x.pt"),
+])
+def test_a_bad_command_line_is_one_line_naming_the_key(capsys, script, argv, line):
+    # Hydra itself would print several lines and exit 1, after the script's imports.
+    assert _refusal(capsys, script, *argv).startswith(f"{script}: error: {line}")
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("prepare_data", ["data=toy", "n=8", "out=o", "resolution=64", "workers=2", "shard=0/4"]),
+    ("prepare_data", ["data=objaverse", "input=uids.txt", "out=o", "captions=captions.json"]),
+    ("train_encoder", ["experiment=tiny_nerf", "data.root=r", "+eval.n_points=2048", "hydra.run.dir=."]),
+    ("train_encoder", ["stage=distill", "data.root=r", "init_from=s.pt", "trainer.max_steps=2"]),
+    ("train_diffusion", ["data=cap3d", "data.latents=l", "data.captions=c.csv", "init_official=text_cond.pt"]),
+    ("train_diffusion", ["cond=image", "data.root=l", "transmitter=t.pt"]),
+    ("train_pointe_sdf", ["model=pointe_sdf_tiny", "trainer=tiny", "data.root=r"]),
+    ("extract_latents", ["records=r", "transmitter=t.pt", "out=o", "cond=image", "image_cond=grid"]),
+    ("export", ["format=diffusers", "prior=p.pt", "transmitter=t.pt", "out=o"]),
+    ("evaluate", ["task=generation", "prior=p.pt", "transmitter=t.pt", "prompts=p.txt"]),
+    ("sample", ["prompt=a chair", "checkpoint=official", "export.texture=1024", "formats=[glb,obj]"]),
+    ("train_encoder", ["trainr.seed=1", "--cfg", "job"]),  # Hydra's own flags: the command line is left to Hydra
+])
+def test_good_command_lines_pass_the_check(capsys, script, argv):
+    assert _refusal(capsys, script, *argv) is None
+
+
+def test_a_typo_key_stops_a_training_script_in_one_line_before_anything_is_built():
+    line = _user_error(*_timed("train_encoder.py", "trainr.seed=1"), "train_encoder")
+    assert line == "train_encoder: error: trainr.seed= is not a setting; did you mean trainer.seed=?"

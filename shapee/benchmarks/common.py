@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from shapee.runtime import autocast_dtype, resolve_device, sync  # noqa: F401  (the policies' one home)
 
@@ -124,8 +126,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     """Model FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward if ``fn`` runs
     it), counted by ``torch.utils.flop_counter`` as they run, 2 FLOPs per multiply-add. Under activation
     checkpointing the recomputed forward is counted too (hardware rather than model FLOPs): measure MFU without it."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
     with counter:
         fn()
@@ -143,8 +143,6 @@ def count_ops(fn: Callable[[], object]) -> dict[str, int]:
     more kernel launches on a GPU), ``views`` the ones that only reshape, ``data_dependent`` those whose output size
     depends on the values (each a host sync on a GPU; reads such as ``.tolist()`` are not dispatched, so not counted).
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     class _Count(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from shapee.benchmarks.common import count_flops, timed
+from shapee.models.denoiser import LatentDenoiser
 from shapee.runtime import autocast_dtype, resolve_device
 
 IMAGE_DEFAULTS = {"heads": 8, "cond_dim": 1024}  # image300M: head dim 128, CLIP ViT-L/14 patch width (§8.3.11)
@@ -42,9 +44,6 @@ def _seconds(fn, device: torch.device) -> tuple[float, float]:
 def _forward_flops(kwargs: dict, batch_size: int, cond_shape: torch.Size) -> int:
     """Model FLOPs of one forward (``torch.utils.flop_counter``: matmuls and attention, 2 per multiply-add), counted
     on the meta device: no memory, no arithmetic, about a second for text300M."""
-    from shapee.benchmarks.common import count_flops
-    from shapee.models.denoiser import LatentDenoiser
-
     with torch.device("meta"):
         model = LatentDenoiser(**kwargs).eval()
         x_t = torch.empty(batch_size, model.n_ctx, model.d_latent)
@@ -58,8 +57,6 @@ def gemm_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, 
     """This machine's measured rate for one ``[m, k] × [k, n]`` matrix product laid out as ``nn.Linear`` computes it
     (``x · Wᵀ``), in ``dtype``: the yardstick a forward made of such GEMMs can at best reach (a CPU has no datasheet
     peak that its BLAS attains; this is the attained one). Median of ``repeats`` after two warm-ups."""
-    from shapee.benchmarks.common import timed
-
     g = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=g).to(device, dtype)
     w = torch.randn(n, k, generator=g).to(device, dtype)
@@ -91,8 +88,6 @@ def bench_denoiser(
     :class:`~shapee.models.denoiser.LatentDenoiser` (e.g. ``layers=2`` for a quick run).
     Returns a JSON-ready dict.
     """
-    from shapee.models.denoiser import LatentDenoiser
-
     if cond not in ("text", "image"):
         raise ValueError(f"cond must be 'text' or 'image', got {cond!r}")
     if precision not in ("auto", "fp32", "bf16"):

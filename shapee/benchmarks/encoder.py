@@ -18,6 +18,9 @@ import torch
 
 from shapee.benchmarks.common import autocast_dtype, resolve_device, timed
 from shapee.cameras import random_cameras
+from shapee.implicit import ChannelsParamsProj, NeRSTFMLP
+from shapee.models import Transmitter
+from shapee.render.nerf import BOTH_LEVELS, render_views
 
 
 def _peak_rss_gb() -> float:
@@ -55,8 +58,6 @@ def bench_encoder(
     encoder_kwargs: dict | None = None,
 ) -> dict:
     """Parameters, forward and forward+backward seconds and peak memory of the encoder (released size by default)."""
-    from shapee.models import Transmitter
-
     dev = resolve_device(device)
     dtype = autocast_dtype(precision, dev) if precision != "fp16" else None
     enc = dict(n_points=n_points, n_views=n_views, image_size=image_size, checkpoint=checkpoint, **(encoder_kwargs or {}))
@@ -139,9 +140,6 @@ def bench_nerf(
     ``rays_per_second`` and on CPU ``cpu_seconds_median`` (process CPU time per render, less sensitive to other
     processes than wall time).
     """
-    from shapee.implicit import ChannelsParamsProj, NeRSTFMLP
-    from shapee.render.nerf import BOTH_LEVELS, render_views
-
     dev = resolve_device(device)
     dtype = autocast_dtype(precision, dev) if precision != "fp16" else None
     with torch.random.fork_rng(devices=[]):  # seeded inits (the same field every run), caller's RNG untouched

@@ -106,7 +106,7 @@ def _benchmark(grid_size: int, repeats: int, device: str, batch: int = 1) -> dic
         ours_batched()  # warm-up at this size
         batch_s = _best_time(ours_batched, repeats)
         result.update(batch=float(batch), ours_batch_s=batch_s, ours_per_field_s=batch_s / batch)
-    try:
+    try:  # scikit-image is a dev extra: without it the comparison is left out
         from skimage.measure import marching_cubes as sk_marching_cubes
     except ImportError:
         result.update(skimage_s=math.nan, skimage_faces=math.nan, ratio=math.nan)

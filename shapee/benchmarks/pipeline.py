@@ -18,6 +18,8 @@ import time
 import torch
 
 from shapee.benchmarks.common import machine, resolve_device, sync
+from shapee.benchmarks.stf import bench_latent_to_mesh
+from shapee.models import LatentDiffusion
 from shapee.render.grid import DEFAULT_GRID_SIZE
 
 STEPS_OFFICIAL = 64
@@ -43,9 +45,6 @@ def bench_prompt_to_mesh(
     ``prior_overrides``: other :class:`~shapee.models.LatentDiffusion` kwargs (e.g. a smaller ``denoiser``).
     ``cuda_graph``: the sampler's CUDA graphs (``None``: as ``sample.py``, on when the device is CUDA).
     """
-    from shapee.benchmarks.stf import bench_latent_to_mesh
-    from shapee.models import LatentDiffusion
-
     if steps < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"steps and repeats must be >= 1 and warmup >= 0, got {steps}, {repeats}, {warmup}")
     dev = resolve_device(device)

@@ -15,6 +15,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
+from shapee.data.mesh import load_mesh
+from shapee.data.prepare import PrepareSettings, prepare_asset
+
 STEPS = ("load", "render", "pointcloud", "sdf", "write", "total")
 
 # The issue's benchmark asset: a 10,200-face textured OBJ (+ .mtl + .jpg).
@@ -35,11 +40,6 @@ def bench_prepare_data(
     step, faces), ``mean`` / ``mean_cpu`` (means over assets of the medians), ``dominant`` (the slowest step by
     wall time), ``settings``, ``machine``. CPU seconds (all threads) are the figure to trust on a shared machine.
     """
-    import torch
-
-    from shapee.data.mesh import load_mesh
-    from shapee.data.prepare import PrepareSettings, prepare_asset
-
     assets = [Path(a) for a in (assets or [DEFAULT_ASSET])]
     for a in assets:
         if not a.is_file():

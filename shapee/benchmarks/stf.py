@@ -25,15 +25,17 @@ import platform
 import statistics
 import time
 
-from shapee.render.grid import DEFAULT_GRID_SIZE
+import torch
+
+from shapee.models import Transmitter
+from shapee.render.grid import DEFAULT_GRID_SIZE, query_grid
+from shapee.render.mesh import extract_meshes, query_vertex_colors, to_trimesh
 
 STEPS = ("decode", "grid", "mc", "colors", "trimesh", "total")
 
 
 def _release_size_decoder(device):
     """A Transmitter whose params projection and MLP have the released sizes; the encoder is minimal (unused here)."""
-    from shapee.models import Transmitter
-
     tiny_encoder = dict(width=64, heads=2, layers=1, data_ctx=64, n_points=1024, n_views=1, pointconv_samples=16,
                         pointconv_hidden=(64, 64), image_size=32, patch_size=8)
     return Transmitter(encoder=tiny_encoder).to(device).eval()
@@ -61,11 +63,6 @@ def bench_latent_to_mesh(
     timed runs), ``queries`` (SDF points queried per run), ``vertices``/``faces`` of the first mesh, ``settings``,
     ``machine``.
     """
-    import torch
-
-    from shapee.render.grid import query_grid
-    from shapee.render.mesh import extract_meshes, query_vertex_colors, to_trimesh
-
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -15,23 +15,21 @@ from collections.abc import Callable
 import torch
 
 from shapee.benchmarks.common import machine, resolve_device
+from shapee.benchmarks.denoiser import bench_denoiser, format_denoiser_table
+from shapee.benchmarks.encoder import bench_encoder, bench_nerf, format_encoder_table
+from shapee.benchmarks.marching_cubes import benchmark_marching_cubes
+from shapee.benchmarks.pipeline import bench_prompt_to_mesh, format_prompt_to_mesh
+from shapee.benchmarks.prepare import bench_prepare_data
+from shapee.benchmarks.stf import bench_latent_to_mesh
+from shapee.benchmarks.training import bench_training, format_training_table
 
 
 def _plan(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dict]]]:
-    from shapee.benchmarks.encoder import bench_encoder, bench_nerf
-    from shapee.benchmarks.marching_cubes import benchmark_marching_cubes
-    from shapee.benchmarks.pipeline import bench_prompt_to_mesh
-    from shapee.benchmarks.prepare import bench_prepare_data
-    from shapee.benchmarks.stf import bench_latent_to_mesh
-    from shapee.benchmarks.training import bench_training
-
     gpu = device.type == "cuda"
     dev = str(device)
     reps = 1 if quick else (5 if gpu else 3)
 
     def denoiser() -> dict:
-        from shapee.benchmarks.denoiser import bench_denoiser
-
         return bench_denoiser(batch_size=2, repeats=reps, warmup=1, device=dev)
 
     plan = [
@@ -46,8 +44,6 @@ def _plan(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dic
                                                         warmup=1 if gpu else 0, device=dev)),
     ]
     if gpu:  # the eager 'before' numbers beside the CUDA-graph ones
-        from shapee.benchmarks.denoiser import bench_denoiser
-
         plan.insert(plan.index(("denoiser", denoiser)) + 1, ("denoiser_graph", lambda: bench_denoiser(
             batch_size=2, repeats=reps, warmup=1, device=dev, cuda_graph=True)))
         plan.append(("prompt_to_mesh_eager", lambda: bench_prompt_to_mesh(
@@ -85,10 +81,6 @@ def format_nerf(r: dict) -> str:
 
 def format_suite(suite: dict) -> str:
     """One line (or a few) per benchmark: the numbers README quotes."""
-    from shapee.benchmarks.encoder import format_encoder_table
-    from shapee.benchmarks.pipeline import format_prompt_to_mesh
-    from shapee.benchmarks.training import format_training_table
-
     r = suite["results"]
     m = suite["machine"]
     lines = [f"machine: {m['name']} ({m['device']}, {m['threads']} torch threads, torch {m['torch']})"]
@@ -109,8 +101,6 @@ def format_suite(suite: dict) -> str:
         lines.append("latent → 128³ coloured mesh: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()))
     for key in ("denoiser", "denoiser_graph"):
         if key in r:
-            from shapee.benchmarks.denoiser import format_denoiser_table
-
             lines.append(format_denoiser_table(r[key]))
     for key in ("prompt_to_mesh", "prompt_to_mesh_eager"):
         if key in r:

@@ -20,23 +20,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
 from shapee.benchmarks.common import machine, resolve_device
+from shapee.benchmarks.marching_cubes import benchmark_field
+from shapee.benchmarks.stf import _release_size_decoder
+from shapee.io.mesh import export_mesh
+from shapee.models import Transmitter
+from shapee.models.meshing import transmitter_colour_fn
 from shapee.render.grid import DEFAULT_GRID_SIZE
+from shapee.render.mesh import extract_meshes
+from shapee.render.texture import bake_mesh, rasterize_uv
 
 STEPS = ("decimate", "atlas", "rasterize", "query", "dilate", "trimesh", "total")
 
 
 def _model(kind: str, device):
-    from shapee.models import Transmitter
-
     if kind == "release":
-        from shapee.benchmarks.stf import _release_size_decoder
-
         return _release_size_decoder(device)
     if kind == "tiny":
-        from hydra import compose, initialize_config_dir
-        from omegaconf import OmegaConf
-
         configs = Path(__file__).resolve().parents[2] / "configs"
         with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
             cfg = compose(config_name="train_encoder", overrides=["experiment=tiny_nerf", "data.root=unused"])
@@ -63,15 +68,6 @@ def bench_texture(
     ``png``, ``glb_vertex_full``: the undecimated vertex-coloured GLB, ``glb_vertex_decimated``), ``settings``,
     ``machine``.
     """
-    import numpy as np
-    import torch
-
-    from shapee.benchmarks.marching_cubes import benchmark_field
-    from shapee.io.mesh import export_mesh
-    from shapee.models.meshing import transmitter_colour_fn
-    from shapee.render.mesh import extract_meshes
-    from shapee.render.texture import bake_mesh
-
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     dev = resolve_device(device)
@@ -108,8 +104,6 @@ def bench_texture(
         small = bake_mesh(colour_fn, vertices, triangles, target_faces=faces) if faces else full
         sizes["glb_vertex_decimated"] = export_mesh(small, Path(tmp) / "s.glb").stat().st_size
     covered = texture_size * texture_size  # upper bound; the exact count comes from a rasterisation below
-    from shapee.render.texture import rasterize_uv
-
     covered = int(len(rasterize_uv(np.asarray(mesh.visual.uv), np.asarray(mesh.faces), texture_size)[0]))
     return {
         "median": median,

@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from shapee.benchmarks.common import (
     autocast_dtype,
@@ -28,6 +30,10 @@ from shapee.benchmarks.common import (
     summary,
     timed,
 )
+from shapee.benchmarks.encoder import synthetic_batch
+from shapee.cameras import random_cameras
+from shapee.models import LatentDiffusion, Transmitter
+from shapee.train.loop import compile_for_training, use_fused_adamw, weighted_total
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = {
@@ -41,9 +47,6 @@ DEFAULT_BATCH = {("encoder", "tiny"): 8, ("encoder", "official"): 4, ("prior", "
 
 def compose_model_config(model: str, preset: str, overrides: list[str] | None = None) -> dict:
     """The resolved ``model`` node of a script's config, e.g. ``("encoder", "tiny")`` → ``transmitter_tiny``."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     if (model, preset) not in PRESETS:
         raise ValueError(f"model must be encoder|prior and preset tiny|official, got {model!r}, {preset!r}")
     name, base = PRESETS[(model, preset)]
@@ -56,9 +59,6 @@ def compose_model_config(model: str, preset: str, overrides: list[str] | None = 
 
 def _encoder_batch(model, batch_size: int, n_targets: int, device: torch.device) -> dict:
     """Encoder inputs (:func:`shapee.benchmarks.encoder.synthetic_batch`) plus ``n_targets`` RGBA target views."""
-    from shapee.benchmarks.encoder import synthetic_batch
-    from shapee.cameras import random_cameras
-
     enc = model.encoder
     batch = synthetic_batch(batch_size, n_points=enc.n_points, n_views=enc.n_views, image_size=enc.image_size,
                             device=device)
@@ -108,9 +108,6 @@ def bench_training(
     :func:`torch.compile` the encoder / denoiser (``Module.compile``: the weights keep their names).
     ``fused_optimizer``: AdamW's fused CUDA kernel (``None``: as the training loop, fused on CUDA).
     """
-    from shapee.models import LatentDiffusion, Transmitter
-    from shapee.train.loop import weighted_total
-
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto|bf16|fp32, got {precision!r}")
     if (model, preset) not in PRESETS:
@@ -133,13 +130,9 @@ def bench_training(
         batch = _prior_batch(net, batch_size, dev)
     net.train()
     if compile:
-        from shapee.train.loop import compile_for_training
-
         compile_for_training(net)  # what trainer.compile=true compiles
     bf16 = autocast_dtype(precision, dev) == torch.bfloat16
     params = [p for p in net.parameters() if p.requires_grad]
-    from shapee.train.loop import use_fused_adamw
-
     fused = use_fused_adamw(dev) if fused_optimizer is None else bool(fused_optimizer)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=fused)
 

@@ -55,7 +55,7 @@ class FrozenCLIP(nn.Module):
         cache_dir: str | None = None,
     ):
         super().__init__()
-        import open_clip
+        import open_clip  # here, not at the top: ~2 s to import, and only building a CLIP needs it
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_name = model_name if model_cfg is None else "custom"
@@ -158,7 +158,7 @@ class FrozenCLIP(nn.Module):
 
 
 def _is_tag(model_name: str, pretrained: str) -> bool:
-    import open_clip
+    import open_clip  # not at the top: ~2 s to import (see FrozenCLIP.__init__)
 
     return pretrained in open_clip.list_pretrained_tags_by_model(model_name)
 

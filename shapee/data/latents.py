@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -80,8 +82,6 @@ def write_latent_record(
         cond_image: ``[H, W, 3]`` uint8, or float in [0, 1] (quantised to uint8).
         encoder: provenance string (the encoder checkpoint path). ``shard``: ``(rank, world_size)`` → manifest name.
     """
-    from safetensors.torch import save
-
     if latent_dtype not in LATENT_DTYPES:
         raise ValueError(f"latent_dtype must be one of {sorted(LATENT_DTYPES)}, got {latent_dtype!r}")
     if latent.ndim != 2:
@@ -147,8 +147,6 @@ def read_latent_manifests(root: str | os.PathLike, require_record: bool = True) 
 def read_latent_record(path: str | os.PathLike, keys: Sequence[str] | None = None) -> tuple[dict, dict[str, Tensor]]:
     """``(meta, tensors)`` of one record: ``meta`` has ``asset_id``, ``captions`` (list), ``encoder``; tensors as
     stored (``keys``: only those are read). Raises :class:`LatentRecordError` naming the file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise LatentRecordError(f"latent record {path}: file not found")

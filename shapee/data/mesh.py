@@ -15,6 +15,7 @@ instead of reaching the console. ``Mesh.color_source`` names the source that was
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -22,9 +23,11 @@ import warnings as pywarnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import trimesh
+from PIL import Image
 
 COLOR_SOURCES = ("texture", "vertex", "material", "default")  # Mesh.color_source values, in priority order
 # Mesh.warnings kinds: a declared colour source that could not be used, or something the loader reported.
@@ -386,8 +389,6 @@ def _check_image(mesh_path: str, name: str, owner: str) -> dict | None:
     Only the header is read here (cheap); an image whose pixel data turns out to be broken is caught when it is
     decoded (:func:`resolve_colors`).
     """
-    from PIL import Image
-
     found = _find_sidecar(mesh_path, name)
     if found is None:
         return _warning("texture missing", f"texture image {name!r} ({owner}) not found")
@@ -453,8 +454,6 @@ def _check_ply_sidecars(path: str, header: bytes) -> _Sidecars:
 def _check_gltf_sidecars(path: str) -> _Sidecars:
     """External image URIs of a glTF that are missing or not images; whether any material declares a base-colour
     texture. A JSON this cannot read is left to trimesh (whose error then names the problem)."""
-    import json
-
     out = _Sidecars()
     try:
         data = Path(path).read_bytes()
@@ -473,8 +472,6 @@ def _check_gltf_sidecars(path: str) -> _Sidecars:
     for image in document.get("images") or []:
         uri = image.get("uri") if isinstance(image, dict) else None
         if isinstance(uri, str) and not uri.startswith("data:"):
-            from urllib.parse import unquote
-
             problem = _check_image(path, unquote(uri), "glTF image uri")
             if problem is not None:
                 out.warnings.append(problem)

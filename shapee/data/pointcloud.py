@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 import torch
+from pytorch3d.ops import knn_points, sample_farthest_points
+from scipy.spatial import cKDTree
 from torch import Tensor
 
 from shapee.cameras import Cameras
@@ -291,8 +293,6 @@ def _kd_buckets(points: np.ndarray, bucket_size: int) -> tuple[np.ndarray, int, 
 
 
 def _fps_pytorch3d(points: Tensor, k: int, start: int) -> Tensor:
-    from pytorch3d.ops import sample_farthest_points
-
     # The kernel always starts at index 0 (or a random one): roll the points so that `start` comes first.
     order = torch.roll(torch.arange(points.shape[0], device=points.device), -start)  # [P]
     _, idx = sample_farthest_points(points[order][None].float(), K=k, random_start_point=False)  # [1, k]
@@ -343,12 +343,8 @@ def nearest_index(queries: Tensor, points: Tensor) -> Tensor:
     """For each of ``queries`` ``[Q, 3]``, the index of its nearest neighbour among ``points`` ``[P, 3]``: ``[Q]``."""
     if queries.device.type == "cpu":
         # A k-d tree is far faster than brute force on CPU; PyTorch3D's KNN kernel is the fast one on CUDA.
-        from scipy.spatial import cKDTree
-
         _, idx = cKDTree(points.double().numpy()).query(queries.double().numpy(), k=1)
         return torch.from_numpy(np.asarray(idx, dtype=np.int64))
-    from pytorch3d.ops import knn_points
-
     return knn_points(queries[None].float(), points[None].float(), K=1).idx[0, :, 0]
 
 

@@ -35,11 +35,20 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
 
+from shapee.cameras import BLENDER_FOV, CAMERA_DISTANCE, Cameras, random_cameras
+from shapee.cli import progress_bar
+from shapee.data.captions import CaptionFileError, read_captions
+from shapee.data.mesh import MeshError, load_mesh
+from shapee.data.pointcloud import point_cloud_from_fragments
 from shapee.data.records import (
     AssetRecord,
     append_jsonl,
@@ -62,6 +71,9 @@ from shapee.data.records import (
     write_jsonl_atomic,
     write_record,
 )
+from shapee.data.render import rasterize, shade
+from shapee.data.sdf import open_edges, sample_sdf_points
+from shapee.data.toy import TOY_SHAPES, toy_assets
 
 MESH_EXTENSIONS = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
 STAGES = ("load", "render", "pointcloud", "sdf", "write")
@@ -124,8 +136,6 @@ class PrepareSettings:
         """Pick the known keys out of a (Hydra) config; unknown keys are someone else's business."""
         if isinstance(cfg, PrepareSettings):
             return cfg
-        from omegaconf import DictConfig, OmegaConf
-
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
         cfg = {} if cfg is None else cfg
@@ -163,8 +173,6 @@ def asset_seed(asset_id: str, seed: int) -> int:
 
 
 def _resolve_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -188,13 +196,6 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
 
     Raises :class:`AssetFailure` naming the stage that failed.
     """
-    import torch
-
-    from shapee.cameras import BLENDER_FOV, CAMERA_DISTANCE, Cameras, random_cameras
-    from shapee.data.pointcloud import point_cloud_from_fragments
-    from shapee.data.render import rasterize, shade
-    from shapee.data.sdf import open_edges, sample_sdf_points
-
     s = settings
     timings: dict[str, float] = {}
     seed = asset_seed(asset_id, s.seed)
@@ -321,8 +322,6 @@ def _prepare_source(item: AssetSource, out_dir: Path, settings: PrepareSettings)
         mesh = item.mesh
         content_hash = arrays_sha256(mesh.vertices, mesh.faces, mesh.corner_colors)
     else:
-        from shapee.data.mesh import MeshError, load_mesh
-
         try:
             mesh = load_mesh(item.path)
         except MeshError as e:
@@ -494,8 +493,6 @@ def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
     (``{"asset_id": ..., "caption": "..."}`` or ``"captions": [...]`` per line): see :mod:`shapee.data.captions`.
     Keys are matched against the asset id, its path relative to the input root, its file name and its stem.
     """
-    from shapee.data.captions import CaptionFileError, read_captions
-
     try:
         return read_captions(path)
     except CaptionFileError as e:
@@ -535,8 +532,6 @@ def _make_sources(cfg: Mapping, duplicates: list | None = None) -> list[AssetSou
     kind = data.get("kind", "files") if isinstance(data, Mapping) else str(data)
     n = cfg.get("n")
     if kind == "toy":
-        from shapee.data.toy import TOY_SHAPES, toy_assets
-
         count = int(n) if n is not None else 64
         # data.shapes / data.colors (null: all): a smaller world, e.g. 2 shapes × 2 colours for the prior's test.
         shapes, colors = data.get("shapes"), data.get("colors")
@@ -582,9 +577,6 @@ def _run_pool(tasks: list, workers: int):
     A worker killed from outside (out of memory, a crash in native code) breaks the pool: the run stops with a
     clear error and a rerun resumes after the last finished asset.
     """
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
     # spawn, not fork: safe with CUDA and with whatever threads torch has started in this process.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
         pending, queue = set(), iter(tasks)
@@ -608,8 +600,6 @@ def _run_pool(tasks: list, workers: int):
 
 
 def _init_worker() -> None:
-    import torch
-
     # One thread per worker: the pool is the parallelism; more threads would fight over the same cores.
     torch.set_num_threads(1)
 
@@ -627,8 +617,6 @@ def prepare_dataset(cfg: Mapping) -> dict:
     ``manifest-<i>-of-<n>.jsonl`` / ``failures-<i>-of-<n>.jsonl``. Problems with the command itself raise
     :class:`PrepareError` before any asset is touched; problems with one asset become a failures line.
     """
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg)
@@ -642,8 +630,6 @@ def prepare_dataset(cfg: Mapping) -> dict:
         raise PrepareError(f"out={cfg['out']!r} is an existing file, not a folder")
     settings = PrepareSettings.from_config(cfg)
     if settings.device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise PrepareError(f"device={settings.device!r} but CUDA is not available here (use device=cpu or auto)")
     shard = parse_shard(cfg.get("shard"))
@@ -674,8 +660,6 @@ def prepare_dataset(cfg: Mapping) -> dict:
     skipped_failed = len(mine) - len(todo) - skipped_done
 
     # ---- 3. work, in process or in a pool; only this process appends to this shard's logs
-    from shapee.cli import progress_bar
-
     settings_dict = asdict(settings)
     tasks = [(s, str(out_dir), settings_dict) for s in todo]
     n_ok, n_failed = 0, 0

@@ -29,6 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from embreex import rtcore_scene
+from embreex.mesh_construction import TriangleMesh
+from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
+from pytorch3d.structures import Meshes
+from scipy.spatial import ConvexHull, QhullError
 from torch import Tensor
 
 from shapee.cameras import Cameras, to_pytorch3d
@@ -177,9 +182,6 @@ def rasterize_embree(mesh: Mesh, cameras: Cameras) -> Fragments:
     # embreex directly rather than trimesh's RayMeshIntersector wrapper: the wrapper re-normalises, rescales and
     # converts every ray between float64 and float32 (≈ 3× the cost of the ray casting itself here), and drops the
     # barycentrics Embree computes anyway. Our meshes live in [-1, 1]³, so its rescaling buys no precision.
-    from embreex import rtcore_scene
-    from embreex.mesh_construction import TriangleMesh
-
     cameras = cameras.to("cpu", torch.float32)
     n, h, w = len(cameras), cameras.height, cameras.width
     view, row, col = _pixels_that_may_hit(mesh, cameras)  # [R] each
@@ -245,8 +247,6 @@ def _hull_vertices(vertices: np.ndarray) -> np.ndarray:
     """The vertices of the convex hull of ``vertices`` ``[V, 3]`` (``[P, 3]``, P ≪ V for a typical mesh), or the
     8 bounding-box corners when the points are flat (Qhull needs a full-dimensional hull). Either way, every
     vertex lies inside the convex hull of the returned points."""
-    from scipy.spatial import ConvexHull, QhullError
-
     try:
         return vertices[ConvexHull(vertices).vertices]
     except (QhullError, ValueError):
@@ -282,9 +282,6 @@ def rasterize_pytorch3d(
 
     Returns ``face_index`` ``[N, H, W]`` int64 (-1: miss) and barycentrics ``[N, H, W, 3]`` float32, on the device.
     """
-    from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
-    from pytorch3d.structures import Meshes
-
     device = cameras.device
     n = len(cameras)
     num_faces = len(mesh.faces)

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from shapee.diffusion.gaussian import DenoiseFn, GaussianDiffusion
 
@@ -85,8 +86,6 @@ def sample_karras(
     x = _randn(shape, generator, device, dtype) * sigmas[0].item()
     indices = range(steps)
     if progress:
-        from tqdm.auto import tqdm
-
         indices = tqdm(indices, desc="karras", leave=False)
     for i in indices:
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()

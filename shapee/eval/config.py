@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from shapee.settings import SamplingConfig, defaults, merge_settings, setting_names  # noqa: F401  (re-exported)
@@ -101,8 +102,6 @@ TASKS: dict[str, type] = {"encoder": EncoderEval, "generation": GenerationEval}
 def register_configs() -> None:
     """Store the task schemas with Hydra's ConfigStore as ``evaluate_schema/<task>``, which ``configs/task/*.yaml``
     name in their defaults lists. Call before composing ``configs/evaluate.yaml`` (the script and the tests do)."""
-    from hydra.core.config_store import ConfigStore
-
     store = ConfigStore.instance()
     for name, schema in TASKS.items():
         store.store(group="evaluate_schema", name=name, node=schema)

@@ -44,10 +44,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shapee.cli import progress_bar
+from shapee.data.dataset import AssetDataset, collate_assets
+from shapee.data.records import arrays_sha256
 from shapee.eval.config import EncoderEval, defaults, merge_settings
 from shapee.eval.metrics import point_set_metrics, psnr_per_item, sample_mesh_points
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
+from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
 from shapee.io.loading import load_transmitter
+from shapee.models.transmitter import batch_cameras
 
 # EncoderEval's defaults as a dict (a view of the dataclass, not a second copy), for the trainer's evaluation.
 ENCODER_DEFAULTS: dict[str, Any] = defaults(EncoderEval)
@@ -75,11 +80,9 @@ class SourceMeshes:
         return self._cache[record.asset_id]
 
     def _load(self, record):
-        from shapee.data.records import arrays_sha256
-
         source = record.source
         if source.startswith("toy:"):
-            from shapee.data.toy import toy_assets
+            from shapee.data.toy import toy_assets  # here: it loads trimesh (~0.6 s), which shapee.train/eval skip
 
             toy_id = source.removeprefix("toy:")
             try:
@@ -98,7 +101,7 @@ class SourceMeshes:
                     "toy_seed="
                 )
             return mesh
-        from shapee.data.mesh import load_mesh
+        from shapee.data.mesh import load_mesh  # here: it loads trimesh (~0.6 s), which shapee.train/eval skip
 
         if not Path(source).is_file():
             raise FileNotFoundError(
@@ -199,9 +202,6 @@ def evaluate_checkpoint(
     ``stf``, STF rows). ``grid_size=None``: the model's ``stf_grid_size``. ``geometry=False`` skips Chamfer / F-score
     (they need the source meshes). Settings and defaults: :class:`~shapee.eval.config.EncoderEval`.
     """
-    from shapee.data.dataset import collate_assets
-    from shapee.models.transmitter import batch_cameras
-
     views = resolve_views(views, model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -212,8 +212,6 @@ def evaluate_checkpoint(
     grid_rows: list[Tensor] = []
     generator = torch.Generator(device).manual_seed(seed)  # the encoder's point-conv shuffle
     start = time.perf_counter()
-    from shapee.cli import progress_bar
-
     for first in progress_bar(range(0, len(dataset), batch_size), desc="evaluate encoder", unit="batch", leave=False):
         indices = list(range(first, min(first + batch_size, len(dataset))))
         batch = collate_assets([dataset[i] for i in indices])
@@ -288,8 +286,6 @@ def evaluate_checkpoint(
 
 def _default_label(path: str, model) -> str:
     """``<stage> (<file>)`` for our snapshots/checkpoints (the stage the run trained), ``released (<file>)`` else."""
-    from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
-
     ours = False
     if not str(path).endswith(".safetensors"):
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the weights are not read
@@ -318,8 +314,6 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
     ``ValueError`` naming it. Returns ``{"task", "settings", "rows", "markdown"}``; each row has the means,
     ``n_assets``, ``n_empty_meshes`` and the per-asset values.
     """
-    from shapee.data.dataset import AssetDataset
-
     s = merge_settings(EncoderEval, cfg)
     root = s.data.root
     if not root:

@@ -32,10 +32,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import shapee.io
+from shapee.cameras import orbit_cameras
+from shapee.cli import progress_bar
 from shapee.eval.config import EvalClipConfig, GenerationEval, merge_settings
 from shapee.eval.metrics import retrieval_ranks
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
 from shapee.io.loading import load_transmitter
+from shapee.models.latent_diffusion import LatentDiffusion, build_frozen_clip
 
 def read_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
     """The prompt set: a ``.txt`` file (one prompt per line; blank lines and ``#`` comments skipped), a ``.json`` list,
@@ -90,8 +94,6 @@ def build_eval_clip(eval_clip: Mapping[str, Any] | None, device: torch.device, s
     """The evaluation :class:`~shapee.conditioning.FrozenCLIP`: any open_clip name + pretrained tag or local file, or
     an explicit ``model_cfg`` (random weights unless ``pretrained`` is a file); built under a forked, seeded RNG.
     ``eval_clip``: the fields of :class:`~shapee.eval.config.EvalClipConfig` (its defaults for the ones not given)."""
-    from shapee.models.latent_diffusion import build_frozen_clip
-
     kwargs = asdict(merge_settings(EvalClipConfig, eval_clip))  # defaults filled in, an unknown key refused
     for key in ("model_cfg", "cache_dir"):
         if kwargs[key] is None:
@@ -144,10 +146,6 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     ``r_precision``, ``r_precision_view_mean``, ``sample_seconds_per_sample``, ``render_seconds_per_sample`` and the
     per-prompt retrieval ranks.
     """
-    import shapee.io
-    from shapee.cameras import orbit_cameras
-    from shapee.models.latent_diffusion import LatentDiffusion
-
     s = merge_settings(GenerationEval, cfg)
     for key in ("prior", "transmitter", "prompts"):
         if not getattr(s, key):
@@ -200,8 +198,6 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
         prior.clip  # noqa: B018  build the conditioning CLIP outside the timed region
 
     renders, sample_s, render_s = [], 0.0, 0.0
-    from shapee.cli import progress_bar
-
     for first in progress_bar(range(0, len(prompts), int(s.batch_prompts)), desc="evaluate generation",
                               unit="batch", leave=False):
         chunk = prompts[first : first + int(s.batch_prompts)]

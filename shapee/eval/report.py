@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -50,8 +51,6 @@ def write_results(out: str | Path, results: dict, markdown: str) -> Path:
 
 def save_image_grid(path: str | Path, grid: np.ndarray) -> Path:
     """Save a uint8 ``[H, W, 3]`` image as PNG (Pillow), creating the folder."""
-    from PIL import Image
-
     grid = np.asarray(grid)
     if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[-1] != 3:
         raise ValueError(f"image grid must be uint8 [H, W, 3], got {grid.dtype} {grid.shape}")

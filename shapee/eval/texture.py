@@ -15,13 +15,24 @@ black) and the pan cameras of :func:`shapee.cameras.orbit_cameras`.
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import trimesh
 
 from shapee.cameras import Cameras, orbit_cameras
-from shapee.data.mesh import to_data_mesh
+from shapee.data.dataset import AssetDataset, collate_assets
+from shapee.data.mesh import Mesh, load_mesh, to_data_mesh
+from shapee.data.render import rasterize, render_views
+from shapee.eval.metrics import psnr
+from shapee.io.loading import load_transmitter
+from shapee.models.meshing import transmitter_colour_fn
+from shapee.models.transmitter import batch_cameras
+from shapee.render.lighting import shade_basic
 from shapee.render.texture import ColourFn, bake_mesh
 
 __all__ = ["QUALITY_KEYS", "analytic_surface", "asset_colour_fn", "exact_field_views", "format_quality", "stripes",
@@ -35,10 +46,6 @@ def exact_field_views(colour_fn: ColourFn, vertices: np.ndarray, faces: np.ndarr
     """Renders of the mesh whose albedo at every pixel is ``colour_fn`` at that pixel's own surface point (the colour
     field without any per-vertex or per-texel sampling): ``rgb`` (dataset lighting) and flat ``albedo``, both
     ``[N, H, W, 3]`` sRGB on black, and ``alpha`` ``[N, H, W]`` (1 where the surface is seen)."""
-    from shapee.data.mesh import Mesh
-    from shapee.data.render import rasterize
-    from shapee.render.lighting import shade_basic
-
     vertices = np.asarray(vertices, dtype=np.float32)
     faces = np.asarray(faces, dtype=np.int64)
     mesh = Mesh(vertices=vertices, faces=faces, corner_colors=np.zeros((len(faces), 3, 3), np.float32))
@@ -61,8 +68,6 @@ def exact_field_views(colour_fn: ColourFn, vertices: np.ndarray, faces: np.ndarr
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from shapee.eval.metrics import psnr
-
     return psnr(torch.from_numpy(a), torch.from_numpy(b))
 
 
@@ -87,8 +92,6 @@ def texture_quality(
     polygonal silhouette, whose few pixels of object-vs-black dominate the error of a curved shape, and flat facets
     that light differently); both decimated variants share that error, and the masked albedo isolates the colour.
     """
-    from shapee.data.render import render_views
-
     vertices = np.asarray(vertices, dtype=np.float32)
     faces = np.asarray(faces, dtype=np.int64)
     if cameras is None:
@@ -121,8 +124,6 @@ def texture_quality(
 def asset_colour_fn(mesh) -> ColourFn:
     """The colour of a real asset (a :class:`shapee.data.mesh.Mesh`: texture, vertex or material colours) as a
     colour field: the albedo at the nearest point of its surface (for texels and vertices of a decimated copy)."""
-    import trimesh
-
     surface = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
 
     def colour_fn(points: torch.Tensor) -> torch.Tensor:
@@ -143,8 +144,6 @@ def stripes(points: torch.Tensor) -> torch.Tensor:
 def analytic_surface(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Test surfaces for :func:`stripes`: ``sphere`` (icosphere, 20,480 faces, radius 0.9) or ``box`` (side 1.4,
     12,288 faces on planar sides, so decimation keeps its geometry exactly and only colour is compared)."""
-    import trimesh
-
     if name == "sphere":
         mesh = trimesh.creation.icosphere(subdivisions=5, radius=0.9)
         return np.asarray(mesh.vertices), np.asarray(mesh.faces)
@@ -162,11 +161,6 @@ def texture_quality_assets(paths, *, target_faces: int, texture_size: int, views
     """:func:`texture_quality` of real mesh files (loaded with :func:`shapee.data.mesh.load_mesh`, so normalised to
     [-1, 1]³): the colour field is the asset's own colour (:func:`asset_colour_fn`), the targets the renders of the
     original asset (its colours sampled per pixel, as the dataset renders it)."""
-    from pathlib import Path
-
-    from shapee.data.mesh import load_mesh
-    from shapee.data.render import render_views
-
     rows = []
     cameras = orbit_cameras(views, resolution=resolution)
     for path in paths:
@@ -183,10 +177,6 @@ def texture_quality_dataset(model, dataset, *, target_faces: int, texture_size: 
     """:func:`texture_quality` of every asset of an ``AssetDataset`` encoded by a trained ``model``
     (:class:`~shapee.models.Transmitter`): its mesh at ``grid_size``³, its ``head`` colour head as the field, and the
     records' target views (real renders of the source asset, all target views) as the targets."""
-    from shapee.data.dataset import collate_assets
-    from shapee.models.meshing import transmitter_colour_fn
-    from shapee.models.transmitter import batch_cameras
-
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     rows = []
@@ -226,9 +216,6 @@ def format_quality(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m shapee.eval.texture --asset mesh.obj ... | --transmitter snapshot.pt --data records/`` → table."""
-    import argparse
-    import json
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--asset", action="append", default=[], help="a mesh file (repeatable)")
     parser.add_argument("--analytic", action="append", default=[], choices=["sphere", "box"],
@@ -249,16 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.asset:
         rows += texture_quality_assets(args.asset, target_faces=args.faces, texture_size=args.size)
     if args.transmitter:
-        from shapee.data.dataset import AssetDataset
-        from shapee.io.loading import load_transmitter
-
         model = load_transmitter(args.transmitter)
         rows += texture_quality_dataset(model, AssetDataset(args.data), target_faces=args.faces,
                                         texture_size=args.size, grid_size=args.grid, head=args.head)
     print(format_quality(rows))
     if args.json:
-        from pathlib import Path
-
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 

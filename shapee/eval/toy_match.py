@@ -37,7 +37,7 @@ DEFAULT_POINTS = 2048  # points per mesh for the Chamfer distance
 
 def _normalised_points(vertices, faces, n_points: int, generator: torch.Generator, normalize: bool) -> Tensor:
     """``n_points`` area-uniform points ``[n, 3]`` on a mesh, in the normalised frame when ``normalize``."""
-    from shapee.data.mesh import normalise
+    from shapee.data.mesh import normalise  # here: it loads trimesh (~0.6 s), which shapee.train/eval skip
 
     verts = np.asarray(vertices, dtype=np.float64)  # [V, 3]
     if normalize:

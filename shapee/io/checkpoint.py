@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shapee import __version__
+
 CHECKPOINT_FORMAT = "shapee.checkpoint"
 SNAPSHOT_FORMAT = "shapee.snapshot"
 FORMAT_VERSION = 1
@@ -209,8 +211,6 @@ def load_weights(path: str | os.PathLike, *, map_location: str | torch.device | 
 
 def code_version() -> dict[str, str | None]:
     """``{"package": shapee.__version__, "git_commit": <HEAD sha or None>}`` for provenance in checkpoints."""
-    from shapee import __version__
-
     commit = None
     try:
         out = subprocess.run(

@@ -46,9 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from shapee.io.layout import OfficialCheckpointError
+from shapee.io.official import _from_official_key, _to_official_key, load_official, to_official_state_dict
+from shapee.io.official_priors import to_official_prior_state_dict
+from shapee.models.transmitter import Transmitter
 
 PRIOR_DIR = "prior"
 RENDERER_DIRS = ("shap_e_renderer", "renderer")
@@ -120,8 +124,6 @@ def read_component(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     state: dict[str, Tensor] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state.update(load_file(str(file)))
         else:
             try:
@@ -226,8 +228,6 @@ def renderer_to_official(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_diffusers_prior(folder: str | os.PathLike, *, device: str | torch.device = "cpu", **kwargs):
     """:class:`~shapee.models.LatentDiffusion` from a diffusers Shap-E folder's ``prior/`` (or that folder itself).
     ``kwargs`` go to :func:`shapee.io.load_official` (e.g. ``denoiser={"cond_tokens": ...}``, ``clip={...}``)."""
-    from shapee.io.official import load_official
-
     directory = _component_dir(Path(folder), (PRIOR_DIR,), "prior")
     config, state = read_component(directory)
     official, mode = prior_to_official(state, config)
@@ -240,9 +240,6 @@ def load_diffusers_transmitter(folder: str | os.PathLike, *, device: str | torch
     """A decoder-only :class:`~shapee.models.Transmitter` from a diffusers folder's ``shap_e_renderer/`` (older:
     ``renderer/``): latent → MLP weights → fields, meshes and renders. diffusers holds no encoder, so the transmitter's
     encoder is a small placeholder and :meth:`~shapee.models.Transmitter.encode` refuses to run."""
-    from shapee.io.official import _from_official_key, _to_official_key
-    from shapee.models.transmitter import Transmitter
-
     directory = _component_dir(Path(folder), RENDERER_DIRS, "renderer (shap_e_renderer/)")
     config, state = read_component(directory)
     official = renderer_to_official(state)
@@ -284,7 +281,7 @@ def decoder_only_encoder_kwargs(d_latent: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- export
 def _require_diffusers():
     try:
-        import diffusers  # noqa: F401
+        import diffusers  # noqa: F401  (the optional [diffusers] extra: only exporting imports it)
     except ImportError as e:  # pragma: no cover - the dev extra installs it
         raise ImportError("exporting to diffusers needs diffusers: pip install 'shapee[diffusers]'") from e
     return diffusers
@@ -319,10 +316,8 @@ def export_diffusers(out: str | os.PathLike, *, prior=None, transmitter=None) ->
     """Write ``prior`` (a :class:`~shapee.models.LatentDiffusion`) and/or ``transmitter``'s decoder as a diffusers
     Shap-E folder: ``prior/``, ``shap_e_renderer/``, ``scheduler/`` and a ``model_index.json`` naming them. The text
     encoder / image encoder (CLIP ViT-L/14) are not written: pass diffusers' own to the pipeline."""
-    from shapee.io.official import to_official_state_dict
-    from shapee.io.official_priors import to_official_prior_state_dict
-
     _require_diffusers()
+    # diffusers is the optional [diffusers] extra (and ~1.4 s to import): only exporting needs it.
     from diffusers import HeunDiscreteScheduler, PriorTransformer
     from diffusers.pipelines.shap_e.renderer import ShapERenderer
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 __all__ = ["to_uint8_frames", "write_gif"]
 
@@ -50,8 +51,6 @@ def write_gif(frames, path: str | os.PathLike, *, fps: float = 10.0, loop: int =
     Atomic: written beside ``path`` under a temporary name and renamed over it; parent folders are created.
     Returns ``path``.
     """
-    from PIL import Image
-
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise ValueError(f"{path}: a GIF path must end in .gif")

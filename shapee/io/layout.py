@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 
@@ -91,8 +92,6 @@ def write_state_dict(state_dict: Mapping[str, Tensor], path: str | os.PathLike) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         save_file(sd, str(tmp))
     else:
         torch.save(sd, tmp)
@@ -104,8 +103,6 @@ def load_weights_only(path: Path, *, mmap: bool = False) -> object:
     """What a ``.safetensors`` file (by suffix) or a ``.pt`` file read with ``torch.load(weights_only=True)`` holds;
     the readers' errors propagate (each caller names the file in its own error type)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 

@@ -25,6 +25,7 @@ convention is +Y up, so glTF viewers show the object lying on its back.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -32,6 +33,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import trimesh
+from trimesh.exchange.obj import export_obj
+from trimesh.exchange.ply import export_ply
+
+from shapee.data.mesh import sample_texture
 
 __all__ = ["MESH_FORMATS", "export_mesh", "mesh_bytes", "mesh_files"]
 
@@ -66,16 +72,12 @@ def _texture(mesh) -> tuple[np.ndarray, bytes] | None:
     image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
     if image is None:
         return None
-    import io
-
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return np.asarray(visual.uv, dtype=np.float64), buffer.getvalue()
 
 
 def _check_mesh(mesh) -> None:
-    import trimesh
-
     if not isinstance(mesh, trimesh.Trimesh):
         raise TypeError(f"mesh must be a trimesh.Trimesh, got {type(mesh).__name__}")
     if len(mesh.vertices) and not np.isfinite(mesh.vertices).all():
@@ -177,27 +179,18 @@ def _textured_obj(mesh, stem: str, uv: np.ndarray) -> tuple[bytes, bytes]:
 def mesh_files(mesh, path: str | os.PathLike) -> dict[Path, bytes]:
     """Every file that writing ``mesh`` to ``path`` makes, with its contents: ``{path: bytes}``, and for a textured
     mesh as ``.obj`` also ``<stem>.mtl`` and ``<stem>.png`` beside it (the image first, the OBJ last)."""
-    from trimesh.exchange.obj import export_obj
-    from trimesh.exchange.ply import export_ply
-
     path = Path(path)
     file_format = path.suffix.lower()
     if file_format not in MESH_FORMATS:
         raise ValueError(f"unknown mesh format {file_format!r}; supported: {', '.join(MESH_FORMATS)}")
     _check_mesh(mesh)
     if len(mesh.vertices) == 0:  # an empty mesh (no zero crossing): trimesh's writers choke on its colour array
-        import trimesh
-
         mesh = trimesh.Trimesh()
     if file_format == ".glb":
         return {path: _glb_bytes(mesh)}
     textured = _texture(mesh)
     if file_format == ".ply":
         if textured is not None:  # PLY has no textures: the texture at the vertices (bilinear) as vertex colours
-            import trimesh
-
-            from shapee.data.mesh import sample_texture
-
             visual = mesh.visual
             image = getattr(visual.material, "baseColorTexture", None) or visual.material.image
             rgb = sample_texture(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0, textured[0])  # [V, 3]

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import yaml
 from torch import Tensor
 
 from shapee.io.layout import OfficialCheckpointError
@@ -91,8 +92,6 @@ def prior_sizes(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 def _read_config(config: str | os.PathLike | Mapping) -> Mapping:
     if isinstance(config, Mapping):
         return config
-    import yaml
-
     with open(config) as f:
         data = yaml.safe_load(f)  # plain data only: safe_load builds no objects
     if not isinstance(data, Mapping):

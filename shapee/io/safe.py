@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from shapee.io.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, SNAPSHOT_FORMAT, CheckpointError
@@ -103,8 +104,6 @@ def check_model_config(
     Raises:
         CheckpointError: one line naming ``source``, the offending key path and the value found there.
     """
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if retired not in ("drop", "refuse"):
         raise ValueError(f"retired must be 'drop' or 'refuse', got {retired!r}")
     if isinstance(config, (DictConfig, ListConfig)):

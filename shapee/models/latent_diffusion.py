@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
+from shapee.conditioning.clip import FrozenCLIP
 from shapee.diffusion import SAMPLERS, GaussianDiffusion, guided_denoiser
 from shapee.diffusion.cuda_graph import CUDAGraphDenoiser, maybe_cuda_graphed
 from shapee.models.denoiser import LatentDenoiser
@@ -47,8 +49,6 @@ def build_frozen_clip(kwargs: Mapping[str, Any], *, seed: int = 0, device: str |
     """:class:`~shapee.conditioning.FrozenCLIP` built under a forked CPU RNG seeded with ``seed``: the caller's random
     stream is untouched, and a random-weight CLIP (``pretrained=None``) is the same wherever it is built (latent
     extraction storing CLIP grids, training, sampling), so conditioning stays consistent across processes."""
-    from shapee.conditioning.clip import FrozenCLIP
-
     with torch.random.fork_rng(devices=[]):  # open_clip builds on the CPU, then moves
         torch.manual_seed(seed)
         return FrozenCLIP(device=device, **dict(kwargs))
@@ -422,8 +422,6 @@ def _load_image(image, index: int):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"images[{index}]: image file {str(path)!r} does not exist")
-        from PIL import Image
-
         with Image.open(path) as im:
             return [im.convert("RGB")]
     if hasattr(image, "convert"):  # PIL

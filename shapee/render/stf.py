@@ -26,6 +26,9 @@ import math
 from collections.abc import Sequence
 
 import torch
+from pytorch3d.renderer import BlendParams, MeshRasterizer, RasterizationSettings
+from pytorch3d.renderer.blending import softmax_rgb_blend
+from pytorch3d.structures import Meshes
 from torch import Tensor
 
 from shapee.cameras import Cameras, to_pytorch3d
@@ -53,8 +56,6 @@ ZNEAR, ZFAR = 0.1, 100.0
 def _rasterize(meshes, p3d_cameras, *, image_size: int, blur_radius: float, faces_per_pixel: int,
                bin_size: int | None, max_faces_per_bin: int | None):
     """PyTorch3D fragments; the naive rasteriser on CPU, and on CUDA whenever the coarse bins overflow."""
-    from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
-
     if bin_size is None and meshes.device.type != "cuda":
         bin_size = 0  # the coarse-to-fine binned rasteriser is a CUDA speed-up; naive is the one for CPU
 
@@ -148,10 +149,6 @@ def render_meshes(
 def _render_fp32(verts_list, faces_list, colors_list, all_cams: Cameras, N: int, mesh_mask, *, soft, sigma, gamma,
                  faces_per_pixel, light_dir, bin_size, max_faces_per_bin) -> dict:
     """The body of :func:`render_meshes` after its checks (autocast off)."""
-    from pytorch3d.renderer import BlendParams
-    from pytorch3d.renderer.blending import softmax_rgb_blend
-    from pytorch3d.structures import Meshes
-
     B = len(verts_list)
     device = all_cams.device
     H, W = all_cams.height, all_cams.width

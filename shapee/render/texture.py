@@ -36,8 +36,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import fast_simplification
 import numpy as np
 import torch
+import xatlas
+from PIL import Image
 from torch import Tensor
 
 from shapee.render.mesh import to_trimesh
@@ -75,8 +78,6 @@ class UVAtlas:
 def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadric decimation to about ``target_faces`` faces (``fast-simplification``); a mesh already at or below the
     target is returned as it is. Returns vertices ``[V', 3]`` float32 and faces ``[F', 3]`` int64."""
-    import fast_simplification
-
     vertices = np.asarray(vertices, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64)
     if isinstance(target_faces, bool) or int(target_faces) < 4:
@@ -97,8 +98,6 @@ def uv_atlas(vertices: np.ndarray, faces: np.ndarray, *, size: int = 1024, paddi
     ~10 % wider than ``size``); the UVs are normalised to [0, 1] either way, so the gutter is asked for in atlas
     texels scaled up by that factor's usual range (1.25) to stay ≥ ``padding`` texels of the final texture.
     """
-    import xatlas
-
     vertices = np.ascontiguousarray(vertices, dtype=np.float32)
     faces = np.asarray(faces, dtype=np.int64)
     if len(faces) == 0:
@@ -308,8 +307,7 @@ def bake(
 def textured_trimesh(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, texture: np.ndarray):
     """A ``trimesh.Trimesh`` with the atlas UVs and a PBR material (``baseColorTexture`` = ``texture``, 8-bit sRGB;
     metallic 0, roughness 1: the colour heads describe a diffuse albedo). :mod:`shapee.io.mesh` exports it."""
-    import trimesh
-    from PIL import Image
+    import trimesh  # here, not at the top: ~0.6 s to import, and shapee.models imports this module
 
     image = texture if texture.dtype == np.uint8 else (np.clip(texture, 0, 1) * 255).round().astype(np.uint8)
     material = trimesh.visual.material.PBRMaterial(
@@ -339,7 +337,7 @@ def bake_mesh(
     at the (decimated) vertices. ``vertices`` ``[V, 3]``, ``faces`` ``[F, 3]`` (numpy or torch). A mesh without
     faces gives an empty ``trimesh.Trimesh``. ``timings``: if given, seconds per step are added to it.
     """
-    import trimesh
+    import trimesh  # here, not at the top: ~0.6 s to import, and shapee.models imports this module
 
     clock = _Clock(timings)
     vertices = (vertices.detach().cpu().numpy() if isinstance(vertices, Tensor) else np.asarray(vertices)).astype(

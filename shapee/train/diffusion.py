@@ -19,13 +19,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from shapee.cameras import orbit_cameras
 from shapee.cli import refuse_renamed_kwargs
+from shapee.data.cap3d import Cap3DLatentDataset
 from shapee.data.latents import LatentDataset, collate_latents
 from shapee.io.safe import instantiate_model
 from shapee.models.latent_diffusion import LatentDiffusion
 from shapee.train.loop import train
 from shapee.train.rng import seed_everything
 from shapee.io.loading import load_transmitter
+from shapee.io.official_priors import load_official_prior_weights
 
 OFFICIAL_NAME = {"text": "text300M", "image": "image300M"}
 
@@ -37,8 +40,6 @@ def init_from_official(model: LatentDiffusion, path: str) -> None:
         FileNotFoundError: no such file. :class:`~shapee.io.OfficialCheckpointError`: keys/shapes differ from
             ``model`` (every offending key listed), e.g. a text checkpoint into an image prior.
     """
-    from shapee.io.official_priors import load_official_prior_weights
-
     load_official_prior_weights(model, path, name=f"{OFFICIAL_NAME[model.cond_mode]} (init_official={path})")
 
 
@@ -104,8 +105,6 @@ def prior_eval_fn(
         )  # [K·n, n_ctx, d]
         out.update(sample_std=float(latents.std()), sample_abs_mean=float(latents.abs().mean()))
         if transmitter is not None:
-            from shapee.cameras import orbit_cameras
-
             transmitter.to(device).eval()
             cameras = orbit_cameras(render_views, resolution=render_resolution, device=device)
             rgb = transmitter.render_nerf(latents, cameras, deterministic=True)["rgb"].clamp(0, 1)  # [S, V, R, R, 3]
@@ -124,8 +123,6 @@ def build_latent_dataset(data: DictConfig | Mapping[str, Any], *, cond: str, lat
     """
     kind = str(data.get("kind") or "latents")
     if kind == "cap3d":
-        from shapee.data.cap3d import Cap3DLatentDataset
-
         if cond != "text":
             raise ValueError("data=cap3d: Cap3D's latents come with captions only; train with cond=text")
         n_ctx, d_latent = latent_shape

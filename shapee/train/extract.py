@@ -30,13 +30,25 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
-from shapee.runtime import resolve_device
+from shapee.cli import progress_bar
+from shapee.data.dataset import AssetDataset, collate_assets
 from shapee.data.latents import read_latent_manifests, write_latent_record
-from shapee.data.records import RecordError, append_jsonl, failures_name, read_failures, read_jsonl, write_jsonl_atomic
-
+from shapee.data.records import (
+    RecordError,
+    append_jsonl,
+    failures_name,
+    read_failures,
+    read_jsonl,
+    read_manifests,
+    write_jsonl_atomic,
+)
 # The transmitter loader lives with the other loaders in shapee.io.loading; re-exported here for old imports.
-from shapee.io.loading import ENCODER_FORMATS, EncoderLoadError, load_transmitter  # noqa: E402,F401
+from shapee.io.loading import ENCODER_FORMATS, EncoderLoadError, load_transmitter  # noqa: F401
+from shapee.models.latent_diffusion import build_frozen_clip
+from shapee.runtime import resolve_device
+from shapee.train.loop import resolve_precision
 
 
 class _GuardedItems(torch.utils.data.Dataset):
@@ -69,8 +81,6 @@ class _GuardedItems(torch.utils.data.Dataset):
 
 def _collate_guarded(items: list[dict]) -> tuple[dict | None, list[dict]]:
     """``(batch of the good items or None, failure entries)``: good items all have the encoder's shapes."""
-    from shapee.data.dataset import collate_assets
-
     good = [it for it in items if "failure" not in it]
     return (collate_assets(good) if good else None), [it["failure"] for it in items if "failure" in it]
 
@@ -142,13 +152,6 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     Records that cannot be encoded are skipped and appended to ``<out>/failures*.jsonl`` (see the module docstring);
     summary keys ``failed`` (this run) and ``skipped_failed`` (recorded by an earlier run, not retried) count them.
     """
-    from tqdm import tqdm
-
-    from shapee.cli import progress_bar
-    from shapee.data.dataset import AssetDataset
-    from shapee.data.records import read_manifests
-    from shapee.train.loop import resolve_precision
-
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     cond = cfg.cond.mode  # the cond group (configs/cond/{text,image}.yaml)
     if cond not in ("text", "image"):
@@ -196,8 +199,6 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"cond_view={cfg.cond_view} is not one of the encoder's {encoder.n_views} views")
     clip = None
     if cond == "image" and cfg.image_cond == "grid":
-        from shapee.models.latent_diffusion import build_frozen_clip
-
         # Seeded as LatentDiffusion builds its CLIP, so that random-weight CLIPs (tests) agree with the prior's.
         clip = build_frozen_clip(OmegaConf.to_container(cfg.clip, resolve=True), seed=0, device=device)
 

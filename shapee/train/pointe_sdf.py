@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shapee.data.dataset import AssetDataset, collate_assets
+from shapee.io.official_pointe import load_official_pointe_sdf
 from shapee.io.safe import instantiate_model
 from shapee.models.pointe_sdf import PointESDF
 from shapee.train.loop import train
@@ -78,8 +79,6 @@ def train_pointe_sdf(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     )
     if cfg.get("init_official"):
         # The released sdf.pt (official layout, strict); ignored on resume, where the loop loads our checkpoint.
-        from shapee.io.official_pointe import load_official_pointe_sdf
-
         sizes = {k: v for k, v in model_cfg.items() if k != "_target_"}
         model.load_state_dict(load_official_pointe_sdf(cfg.init_official, **sizes).state_dict(), strict=True)
 
