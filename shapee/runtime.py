@@ -7,14 +7,20 @@ benchmark asks here rather than deciding for itself).
   (or a ``torch.dtype``) as named.
 - :func:`autocast_dtype`: the autocast dtype for a precision (``None``: run in fp32, no autocast).
 - :func:`sync`: wait for queued GPU work (timings belong to the step that launched it).
+- :func:`timed_call`: one call's result and wall seconds, queued GPU work waited for before and after.
 - :func:`query_chunk`: points per field (MLP) call, ``"auto"`` → 4096 on the CPU, the caller's GPU value elsewhere.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Points per field call on the CPU. Measured (release-size NeRSTF MLP, 2^17 points, 1 thread): 1.03 CPU-s in chunks of
@@ -55,6 +61,16 @@ def sync(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], T], device: torch.device | str) -> tuple[T, float]:
+    """``(fn(), wall seconds)``: GPU work queued on ``device`` is waited for before the clock starts and before it
+    stops, so the time is the call's own (every timing in the package is taken this way)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
 
 
 def query_chunk(

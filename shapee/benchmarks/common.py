@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from shapee.runtime import autocast_dtype, resolve_device, sync  # noqa: F401  (the policies' one home)
+from shapee.runtime import autocast_dtype, resolve_device, sync, timed_call  # noqa: F401  (the policies' one home)
 
 # Dense bf16 tensor-core peak of a device, FLOP/s, by a substring of ``torch.cuda.get_device_name`` (vendor data
 # sheets, without sparsity). Longest match wins, so "H100 PCIe" is not read as "H100".
@@ -35,26 +35,12 @@ BF16_PEAK_FLOPS = {
 
 
 def timed(fn: Callable[[], object], device: torch.device, *, repeats: int, warmup: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones; CUDA timed with events."""
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (:func:`shapee.runtime.timed_call`)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+    return [timed_call(fn, device)[1] for _ in range(repeats)]
 
 
 def summary(times: list[float]) -> dict:

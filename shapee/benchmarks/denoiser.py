@@ -20,7 +20,7 @@ import torch
 
 from shapee.benchmarks.common import count_flops, timed
 from shapee.models.denoiser import LatentDenoiser
-from shapee.runtime import autocast_dtype, resolve_device
+from shapee.runtime import autocast_dtype, resolve_device, timed_call
 
 IMAGE_DEFAULTS = {"heads": 8, "cond_dim": 1024}  # image300M: head dim 128, CLIP ViT-L/14 patch width (§8.3.11)
 
@@ -28,17 +28,8 @@ IMAGE_DEFAULTS = {"heads": 8, "cond_dim": 1024}  # image300M: head dim 128, CLIP
 def _seconds(fn, device: torch.device) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call."""
     cpu0 = time.process_time()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000.0, time.process_time() - cpu0
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0, time.process_time() - cpu0
+    wall = timed_call(fn, device)[1]
+    return wall, time.process_time() - cpu0
 
 
 def _forward_flops(kwargs: dict, batch_size: int, cond_shape: torch.Size) -> int:

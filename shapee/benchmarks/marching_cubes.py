@@ -16,6 +16,7 @@ from torch import Tensor
 from shapee.benchmarks.common import count_ops
 from shapee.render.mc33 import marching_cubes
 from shapee.render.grid import DEFAULT_GRID_SIZE
+from shapee.runtime import sync
 
 
 def benchmark_field(grid_size: int = DEFAULT_GRID_SIZE, seed: int = 0) -> Tensor:
@@ -76,8 +77,7 @@ def _synced(grids: Tensor):
     """A call of :func:`marching_cubes` on ``grids`` that returns only once a GPU has finished (for timing)."""
     def run():
         out = marching_cubes(grids)
-        if grids.is_cuda:
-            torch.cuda.synchronize()
+        sync(grids.device)
         return out
     return run
 

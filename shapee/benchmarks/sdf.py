@@ -15,6 +15,7 @@ import torch
 import trimesh
 
 from shapee.data.sdf import MeshSDF
+from shapee.runtime import timed_call
 
 
 def time_sdf(
@@ -32,13 +33,8 @@ def time_sdf(
     result: dict[str, float] = {"faces": float(len(sphere.faces)), "points": float(n_points)}
 
     def timed(name, fn):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        result[f"{name}_s"] = time.perf_counter() - wall
+        cpu = time.process_time()
+        out, result[f"{name}_s"] = timed_call(fn, device)
         result[f"{name}_cpu_s"] = time.process_time() - cpu
         return out
 

@@ -30,6 +30,7 @@ import torch
 from shapee.models import Transmitter
 from shapee.render.grid import DEFAULT_GRID_SIZE, query_grid
 from shapee.render.mesh import extract_meshes, query_vertex_colors, to_trimesh
+from shapee.runtime import sync
 
 STEPS = ("decode", "grid", "mc", "colors", "trimesh", "total")
 
@@ -70,10 +71,6 @@ def bench_latent_to_mesh(
     g = torch.Generator(device="cpu").manual_seed(seed)
     latent = torch.randn(batch_size, model.encoder.latent_ctx, model.encoder.d_latent, generator=g).tanh().to(device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     # One-time costs of a process, kept out of the per-asset steps (a run without warmup used to count them in
     # ``trimesh`` and ``mc``): importing trimesh, and generating the MC33 tables (on a grid of one empty cube).
     t_setup = time.perf_counter()
@@ -88,13 +85,13 @@ def bench_latent_to_mesh(
         times, cpu_times = {}, {}
         queries.clear()
         with torch.no_grad():
-            sync()
+            sync(device)
             t0 = t = time.perf_counter()
             c0 = c = time.process_time()
 
             def lap(name):
                 nonlocal t, c
-                sync()
+                sync(device)
                 now, cpu_now = time.perf_counter(), time.process_time()
                 times[name], cpu_times[name] = now - t, cpu_now - c
                 t, c = now, cpu_now
