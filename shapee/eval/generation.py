@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -40,6 +39,7 @@ from shapee.eval.metrics import retrieval_ranks
 from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
 from shapee.io.loading import load_transmitter
 from shapee.models.latent_diffusion import LatentDiffusion, build_frozen_clip
+from shapee.runtime import timed_call
 
 def read_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
     """The prompt set: a ``.txt`` file (one prompt per line; blank lines and ``#`` comments skipped), a ``.json`` list,
@@ -123,11 +123,6 @@ def clip_r_precision(
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _render(transmitter, latents: Tensor, cameras, head: str, grid_size: int) -> Tensor:
     """Renders ``[S, V, R, R, 3]`` sRGB in [0, 1] on black of latents ``[S, n_ctx, d]``."""
     if head == "stf":
@@ -146,81 +141,24 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     ``r_precision``, ``r_precision_view_mean``, ``sample_seconds_per_sample``, ``render_seconds_per_sample`` and the
     per-prompt retrieval ranks.
     """
-    s = merge_settings(GenerationEval, cfg)
-    for key in ("prior", "transmitter", "prompts"):
-        if not getattr(s, key):
-            raise ValueError(f"{key}=<...> is required for task=generation")
-    if s.head not in ("stf", "nerf"):
-        raise ValueError(f"head must be 'stf' or 'nerf', got {s.head!r}")
-    for key in ("n_per_prompt", "batch_prompts", "render_views", "render_resolution", "steps"):
-        if int(getattr(s, key)) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(s, key)}")
+    # 1. Settings and prompts, checked before any model is built.
+    s = _generation_settings(cfg)
     prompts = read_prompts(s.prompts)
     device = pick_device(s.device)
-
-    prior = shapee.io.load(s.prior, device=device)
-    if not isinstance(prior, LatentDiffusion) or prior.cond_mode != "text":
-        raise ValueError(f"prior={s.prior!r} is not a text-conditional shapee.models.LatentDiffusion snapshot")
-    transmitter = load_transmitter(s.transmitter, device=device)
-    have = (transmitter.encoder.latent_ctx, transmitter.encoder.d_latent)
-    if have != tuple(prior.latent_shape):
-        raise ValueError(
-            f"transmitter={s.transmitter!r} decodes latents {list(have)}, the prior makes {list(prior.latent_shape)}"
-        )
-
-    clip, clip_kwargs = build_eval_clip(s.eval_clip, device, seed=int(s.seed) + 1)
-    if clip_kwargs.get("pretrained") is None:
-        warnings.warn("the evaluation CLIP has random weights (eval_clip.pretrained=null): R-Precision is only a "
-                      "pipeline check, not a quality measure", stacklevel=2)
-    conditioning_clip = dict(prior._clip.kwargs)
-    same = same_clip(clip_kwargs, conditioning_clip)
-    if same and not s.allow_same_clip:
-        raise ValueError(
-            f"the evaluation CLIP {clip_kwargs.get('model_name')!r} ({clip_kwargs.get('pretrained')!r}) is the prior's "
-            "conditioning CLIP: R-Precision with it is not comparable; pick another eval_clip (e.g. ViT-B-32 when the "
-            "prior uses ViT-L/14) or set allow_same_clip=true to do it anyway"
-        )
-    if same:
-        warnings.warn(
-            "!!! R-Precision is computed with the prior's own conditioning CLIP (allow_same_clip=true): the numbers "
-            "overstate quality and are not comparable to the literature !!!", stacklevel=2,
-        )
-
+    # 2. The prior, the transmitter that decodes its latents, the evaluation CLIP.
+    prior, transmitter = _generation_models(s, device)
+    clip, clip_kwargs, same = _evaluation_clip(s, prior, device)
+    # 3. Every prompt's n samples, rendered from the turntable cameras; prior and renderer timed apart.
     cameras = orbit_cameras(int(s.render_views), elevation=math.radians(float(s.elevation_deg)), fov=float(s.fov),
                             resolution=int(s.render_resolution), device=device)
+    renders, sample_s, render_s = _sample_and_render(s, prior, transmitter, prompts, cameras, device)
+    # 4. Each render retrieves among all prompts with the evaluation CLIP.
     n, V = int(s.n_per_prompt), int(s.render_views)
-    generator = torch.Generator(device).manual_seed(int(s.seed))
-    if s.warmup:  # kernels, CLIP build and allocator warm-up stay out of the timings
-        warm = prior.sample(prompts=prompts[:1], n=1, steps=2, sampler=s.sampler, guidance_scale=s.guidance_scale,
-                            generator=torch.Generator(device).manual_seed(0))
-        _render(transmitter, warm, cameras[:1], s.head, int(s.grid_size))
-    else:
-        prior.clip  # noqa: B018  build the conditioning CLIP outside the timed region
-
-    renders, sample_s, render_s = [], 0.0, 0.0
-    for first in progress_bar(range(0, len(prompts), int(s.batch_prompts)), desc="evaluate generation",
-                              unit="batch", leave=False):
-        chunk = prompts[first : first + int(s.batch_prompts)]
-        _sync(device)
-        t0 = time.perf_counter()
-        latents = prior.sample(prompts=chunk, n=n, guidance_scale=s.guidance_scale, steps=int(s.steps),
-                               sampler=s.sampler, generator=generator)  # [p·n, n_ctx, d]
-        _sync(device)
-        t1 = time.perf_counter()
-        images = _render(transmitter, latents, cameras, s.head, int(s.grid_size))  # [p·n, V, R, R, 3]
-        _sync(device)
-        sample_s, render_s = sample_s + t1 - t0, render_s + time.perf_counter() - t1
-        renders.append(images.cpu())
-    renders = torch.cat(renders)  # [P·n, V, R, R, 3], prompt 0's n samples first
-    n_samples = renders.shape[0]
     true_index = torch.arange(len(prompts)).repeat_interleave(n * V)  # [P·n·V]
     retrieval = clip_r_precision(clip, renders.flatten(0, 1).to(device), prompts, true_index, views=V)
     ranks = torch.tensor(retrieval["ranks"]).view(len(prompts), n * V)  # [P, n·V]
-
-    per_prompt = [
-        {"prompt": p, "r_precision": float((r == 0).double().mean()), "mean_rank": float(r.double().mean())}
-        for p, r in zip(prompts, ranks)
-    ]
+    # 5. The report: one row, the settings, markdown, and the grid of each prompt's first sample.
+    n_samples = renders.shape[0]
     row = {
         "label": Path(str(s.prior)).name,
         "ckpt": str(s.prior),
@@ -233,45 +171,11 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "render_seconds_per_sample": render_s / n_samples,
         "seconds_per_sample": (sample_s + render_s) / n_samples,
         "same_clip_as_conditioning": same,
-        "prompts": per_prompt,
+        "prompts": [{"prompt": p, "r_precision": float((r == 0).double().mean()), "mean_rank": float(r.double().mean())}
+                    for p, r in zip(prompts, ranks)],
     }
-    clip_name = clip_kwargs.get("model_name") if "model_cfg" not in clip_kwargs else "custom architecture"
-    settings = {
-        "prompts": str(s.prompts) if isinstance(s.prompts, (str, os.PathLike)) else "inline list",
-        "n_prompts": len(prompts),
-        "n_per_prompt": n,
-        "eval_clip": {"model": clip_name, "pretrained": clip_kwargs.get("pretrained"),
-                      "model_cfg": clip_kwargs.get("model_cfg")},
-        "conditioning_clip": {k: conditioning_clip.get(k) for k in ("model_name", "pretrained", "model_cfg")},
-        "head": s.head,
-        "cameras": f"{V} turntable views at elevation {float(s.elevation_deg):g}°, distance 4, "
-        f"fov {float(s.fov):g} rad",
-        "resolution": int(s.render_resolution),
-        "background": "black",
-        "sampler": {"name": s.sampler, "steps": int(s.steps),
-                    "guidance_scale": prior.guidance_scale if s.guidance_scale is None else s.guidance_scale},
-        "seed": int(s.seed),
-        "device": str(device),
-        "timing": "wall clock, CUDA-synchronised, " + ("after an untimed warm-up" if s.warmup else "no warm-up"),
-    }
-    table = markdown_table(
-        ["prior", "CLIP R-Precision", "R-Precision (view-mean)", "prompts", "samples/prompt", "s/sample (prior)",
-         "s/sample (render)", "eval CLIP"],
-        [[row["label"], f"{100 * row['r_precision']:.1f} %", f"{100 * row['r_precision_view_mean']:.1f} %",
-          len(prompts), n, f"{row['sample_seconds_per_sample']:.3f}", f"{row['render_seconds_per_sample']:.3f}",
-          f"{clip_name} ({clip_kwargs.get('pretrained')})"]],
-    )
-    notes = [
-        f"Prompt set: {settings['prompts']} ({len(prompts)} prompts); each render retrieves among all of them; ties "
-        "count as misses.",
-        f"Renders: {s.head.upper()}, {settings['cameras']}, {int(s.render_resolution)}², black background, sRGB.",
-        f"Sampler: {s.sampler}, {int(s.steps)} steps, guidance {settings['sampler']['guidance_scale']}; "
-        f"device {device}; {settings['timing']}.",
-    ]
-    if same:
-        notes.insert(0, "**WARNING: evaluated with the prior's own conditioning CLIP (allow_same_clip=true).**")
-    markdown = "## Generation evaluation (CLIP R-Precision)\n\n" + table + "\n\n"
-    markdown += "\n".join(f"- {x}" for x in notes) + "\n"
+    settings = _generation_report_settings(s, prompts, prior, clip_kwargs, device)
+    markdown = _generation_markdown(s, row, settings, same)
     out = Path(s.out) if s.out else None
     if out is not None:
         k = min(int(s.grid_views), V)
@@ -283,3 +187,126 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if out is not None:
         write_results(out, results, markdown)
     return results
+
+
+def _generation_settings(cfg: Mapping[str, Any]) -> GenerationEval:
+    """:class:`GenerationEval` from ``cfg``, its required keys present and its counts positive."""
+    s = merge_settings(GenerationEval, cfg)
+    for key in ("prior", "transmitter", "prompts"):
+        if not getattr(s, key):
+            raise ValueError(f"{key}=<...> is required for task=generation")
+    if s.head not in ("stf", "nerf"):
+        raise ValueError(f"head must be 'stf' or 'nerf', got {s.head!r}")
+    for key in ("n_per_prompt", "batch_prompts", "render_views", "render_resolution", "steps"):
+        if int(getattr(s, key)) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(s, key)}")
+    return s
+
+
+def _generation_models(s: GenerationEval, device: torch.device) -> tuple[LatentDiffusion, Any]:
+    """The text prior ``s.prior`` and the transmitter ``s.transmitter``, checked to fit each other."""
+    prior = shapee.io.load(s.prior, device=device)
+    if not isinstance(prior, LatentDiffusion) or prior.cond_mode != "text":
+        raise ValueError(f"prior={s.prior!r} is not a text-conditional shapee.models.LatentDiffusion snapshot")
+    transmitter = load_transmitter(s.transmitter, device=device)
+    have = (transmitter.encoder.latent_ctx, transmitter.encoder.d_latent)
+    if have != tuple(prior.latent_shape):
+        raise ValueError(
+            f"transmitter={s.transmitter!r} decodes latents {list(have)}, the prior makes {list(prior.latent_shape)}"
+        )
+    return prior, transmitter
+
+
+def _evaluation_clip(s: GenerationEval, prior: LatentDiffusion, device: torch.device) -> tuple[Any, dict, bool]:
+    """``(clip, its kwargs, whether it is the prior's own conditioning CLIP)``: the prior's own CLIP is refused unless
+    ``allow_same_clip`` (then loudly warned about), random weights are warned about."""
+    clip, clip_kwargs = build_eval_clip(s.eval_clip, device, seed=int(s.seed) + 1)
+    if clip_kwargs.get("pretrained") is None:
+        warnings.warn("the evaluation CLIP has random weights (eval_clip.pretrained=null): R-Precision is only a "
+                      "pipeline check, not a quality measure", stacklevel=3)
+    same = same_clip(clip_kwargs, dict(prior._clip.kwargs))
+    if same and not s.allow_same_clip:
+        raise ValueError(
+            f"the evaluation CLIP {clip_kwargs.get('model_name')!r} ({clip_kwargs.get('pretrained')!r}) is the prior's "
+            "conditioning CLIP: R-Precision with it is not comparable; pick another eval_clip (e.g. ViT-B-32 when the "
+            "prior uses ViT-L/14) or set allow_same_clip=true to do it anyway"
+        )
+    if same:
+        warnings.warn(
+            "!!! R-Precision is computed with the prior's own conditioning CLIP (allow_same_clip=true): the numbers "
+            "overstate quality and are not comparable to the literature !!!", stacklevel=3,
+        )
+    return clip, clip_kwargs, same
+
+
+def _sample_and_render(s: GenerationEval, prior: LatentDiffusion, transmitter, prompts: list[str], cameras,
+                       device: torch.device) -> tuple[Tensor, float, float]:
+    """``(renders [P·n, V, R, R, 3] with prompt 0's n samples first, prior seconds, render seconds)``, after an
+    untimed warm-up when ``s.warmup``."""
+    n = int(s.n_per_prompt)
+    generator = torch.Generator(device).manual_seed(int(s.seed))
+    if s.warmup:  # kernels, CLIP build and allocator warm-up stay out of the timings
+        warm = prior.sample(prompts=prompts[:1], n=1, steps=2, sampler=s.sampler, guidance_scale=s.guidance_scale,
+                            generator=torch.Generator(device).manual_seed(0))
+        _render(transmitter, warm, cameras[:1], s.head, int(s.grid_size))
+    else:
+        prior.clip  # noqa: B018  build the conditioning CLIP outside the timed region
+    renders, sample_s, render_s = [], 0.0, 0.0
+    for first in progress_bar(range(0, len(prompts), int(s.batch_prompts)), desc="evaluate generation",
+                              unit="batch", leave=False):
+        chunk = prompts[first : first + int(s.batch_prompts)]
+        latents, seconds = timed_call(lambda: prior.sample(prompts=chunk, n=n, guidance_scale=s.guidance_scale,
+                                                           steps=int(s.steps), sampler=s.sampler,
+                                                           generator=generator), device)  # [p·n, n_ctx, d]
+        sample_s += seconds
+        images, seconds = timed_call(lambda: _render(transmitter, latents, cameras, s.head, int(s.grid_size)), device)
+        render_s += seconds
+        renders.append(images.cpu())  # [p·n, V, R, R, 3]
+    return torch.cat(renders), sample_s, render_s
+
+
+def _generation_report_settings(s: GenerationEval, prompts: list[str], prior: LatentDiffusion, clip_kwargs: dict,
+                                device: torch.device) -> dict[str, Any]:
+    """The ``settings`` block of the results: what was evaluated, with which CLIPs, cameras, sampler and seed."""
+    clip_name = clip_kwargs.get("model_name") if "model_cfg" not in clip_kwargs else "custom architecture"
+    conditioning_clip = dict(prior._clip.kwargs)
+    return {
+        "prompts": str(s.prompts) if isinstance(s.prompts, (str, os.PathLike)) else "inline list",
+        "n_prompts": len(prompts),
+        "n_per_prompt": int(s.n_per_prompt),
+        "eval_clip": {"model": clip_name, "pretrained": clip_kwargs.get("pretrained"),
+                      "model_cfg": clip_kwargs.get("model_cfg")},
+        "conditioning_clip": {k: conditioning_clip.get(k) for k in ("model_name", "pretrained", "model_cfg")},
+        "head": s.head,
+        "cameras": f"{int(s.render_views)} turntable views at elevation {float(s.elevation_deg):g}°, distance 4, "
+        f"fov {float(s.fov):g} rad",
+        "resolution": int(s.render_resolution),
+        "background": "black",
+        "sampler": {"name": s.sampler, "steps": int(s.steps),
+                    "guidance_scale": prior.guidance_scale if s.guidance_scale is None else s.guidance_scale},
+        "seed": int(s.seed),
+        "device": str(device),
+        "timing": "wall clock, CUDA-synchronised, " + ("after an untimed warm-up" if s.warmup else "no warm-up"),
+    }
+
+
+def _generation_markdown(s: GenerationEval, row: dict, settings: dict, same: bool) -> str:
+    """``results.md``: the table of the one row and notes on the prompt set, renders and sampler."""
+    clip = settings["eval_clip"]
+    table = markdown_table(
+        ["prior", "CLIP R-Precision", "R-Precision (view-mean)", "prompts", "samples/prompt", "s/sample (prior)",
+         "s/sample (render)", "eval CLIP"],
+        [[row["label"], f"{100 * row['r_precision']:.1f} %", f"{100 * row['r_precision_view_mean']:.1f} %",
+          settings["n_prompts"], settings["n_per_prompt"], f"{row['sample_seconds_per_sample']:.3f}",
+          f"{row['render_seconds_per_sample']:.3f}", f"{clip['model']} ({clip['pretrained']})"]],
+    )
+    notes = [
+        f"Prompt set: {settings['prompts']} ({settings['n_prompts']} prompts); each render retrieves among all of "
+        "them; ties count as misses.",
+        f"Renders: {s.head.upper()}, {settings['cameras']}, {int(s.render_resolution)}², black background, sRGB.",
+        f"Sampler: {s.sampler}, {int(s.steps)} steps, guidance {settings['sampler']['guidance_scale']}; "
+        f"device {settings['device']}; {settings['timing']}.",
+    ]
+    if same:
+        notes.insert(0, "**WARNING: evaluated with the prior's own conditioning CLIP (allow_same_clip=true).**")
+    return "## Generation evaluation (CLIP R-Precision)\n\n" + table + "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n"
