@@ -226,7 +226,7 @@ def test_wrong_model_kind_keeps_each_loaders_own_error(legit):
 
     with pytest.raises(CheckpointError, match=r"prior=.*transmitter.pt.* not a shapee.models.LatentDiffusion"):
         load_prior(legit["transmitter"])
-    with pytest.raises(EncoderLoadError, match=r"encoder=.*prior.pt.* not a shapee.models.Transmitter"):
+    with pytest.raises(EncoderLoadError, match=r"transmitter=.*prior.pt.* not a shapee.models.Transmitter"):
         load_transmitter(legit["prior"])
     with pytest.raises(CheckpointError, match=r"teacher_checkpoint=.*prior.pt.* not a shapee.models.pointe_sdf"):
         load_sdf_teacher(str(legit["prior"]))
@@ -234,8 +234,8 @@ def test_wrong_model_kind_keeps_each_loaders_own_error(legit):
         build_model({"format": "other"}, source="x")
     obj = torch.load(legit["transmitter"], weights_only=True)
     obj["model_config"]["stage"] = "bogus"  # an allowed class refusing a value: the loader's error, naming the file
-    with pytest.raises(EncoderLoadError, match=r"encoder='x.pt': its model config does not build .*'bogus'"):
-        build_model(obj, source="encoder='x.pt'", error=EncoderLoadError)
+    with pytest.raises(EncoderLoadError, match=r"transmitter='x.pt': its model config does not build .*'bogus'"):
+        build_model(obj, source="transmitter='x.pt'", error=EncoderLoadError)
 
 
 # ------------------------------------------------------------------------------------------------ file modes

@@ -15,7 +15,7 @@ Nothing a file names runs: files are read with ``torch.load(weights_only=True)``
 configs are checked at every depth against an allow-list before the class is called (:func:`shapee.io.safe.build_model`),
 and the released layouts name no code at all. The kind-specific loaders below (:func:`load_prior`,
 :func:`load_transmitter`, :func:`load_sdf_teacher`) are what :func:`load_model` dispatches to; they keep their own
-error types (``EncoderLoadError`` names the ``encoder=``/``transmitter=`` file) for the scripts that report them.
+error types (``EncoderLoadError`` names the ``transmitter=`` file) for the scripts that report them.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ KINDS = ("prior", "transmitter", "pointe_sdf")
 
 
 class EncoderLoadError(ValueError):
-    """The ``encoder=``/``transmitter=`` file is missing, unreadable, or is not a transmitter of the expected format."""
+    """The ``transmitter=`` file is missing, unreadable, or is not a transmitter of the expected format."""
 
 
 def load_model(
@@ -101,34 +101,34 @@ def load_transmitter(
         try:
             return load_diffusers_transmitter(path, device=device)
         except (OfficialCheckpointError, FileNotFoundError) as e:
-            raise EncoderLoadError(f"encoder={str(path)!r}: {e}") from e
+            raise EncoderLoadError(f"transmitter={str(path)!r}: {e}") from e
     if not path.is_file():
-        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} does not exist (or is not a file)")
+        raise EncoderLoadError(f"transmitter checkpoint {str(path)!r} does not exist (or is not a file)")
     try:
         obj = load_weights_only(path, mmap=True)
     except Exception as e:  # truncated file, pickled objects refused by weights_only, not a torch file
-        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} cannot be read: {type(e).__name__}: {e}") from e
+        raise EncoderLoadError(f"transmitter checkpoint {str(path)!r} cannot be read: {type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
-        raise EncoderLoadError(f"encoder checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+        raise EncoderLoadError(f"transmitter checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
 
     kind = obj.get("format")
     is_ours = kind in (SNAPSHOT_FORMAT, CHECKPOINT_FORMAT)
     if encoder_format == "shapee" and not is_ours:
-        raise EncoderLoadError(f"encoder={str(path)!r} is not a shapee snapshot/checkpoint (encoder_format=shapee)")
+        raise EncoderLoadError(f"transmitter={str(path)!r} is not a shapee snapshot/checkpoint (encoder_format=shapee)")
     if encoder_format == "official" and is_ours:
-        raise EncoderLoadError(f"encoder={str(path)!r} is a shapee {kind!r} file, not an official state dict")
+        raise EncoderLoadError(f"transmitter={str(path)!r} is a shapee {kind!r} file, not an official state dict")
 
     if is_ours:
         # Refused configs raise CheckpointError (naming the key path) before anything is built.
         model = build_model(
-            obj, source=f"encoder={str(path)!r}", expected="shapee.models.Transmitter", error=EncoderLoadError,
+            obj, source=f"transmitter={str(path)!r}", expected="shapee.models.Transmitter", error=EncoderLoadError,
             hint=" (give the encoder's snapshot, e.g. runs/encoder_nerf/checkpoints/snapshot.pt)",
         )
     else:
         try:  # sizes from the weights' shapes (any size loads), ``official`` overrides them
             model = load_official("transmitter", obj, **dict(official or {}))
         except OfficialCheckpointError as e:
-            raise EncoderLoadError(f"encoder={str(path)!r} is not an official transmitter state dict: {e}") from e
+            raise EncoderLoadError(f"transmitter={str(path)!r} is not an official transmitter state dict: {e}") from e
     return model.to(device).eval()
 
 

@@ -144,7 +144,7 @@ def _encode_guarded(encoder, batch: dict, generator: torch.Generator, amp_dtype:
 def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Encode every prepared record of ``cfg.records`` not yet in ``cfg.out`` (this rank's share); returns a summary.
 
-    Config keys (``configs/extract_latents.yaml``): ``records``, ``encoder``, ``encoder_format``, ``official``,
+    Config keys (``configs/extract_latents.yaml``): ``records``, ``transmitter``, ``encoder_format``, ``official``,
     ``out``, ``batch_size``, ``cond.mode`` (``text``: latents + captions; ``image``: + ``image_cond``: the encoder view
     ``cond_view`` as uint8 (``view``) or its CLIP grid (``grid``, with ``clip``)), ``latent_dtype``, ``num_workers``,
     ``seed``, ``device``, ``precision``, ``progress``, ``retry_failed``.
