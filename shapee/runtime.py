@@ -46,7 +46,7 @@ def precision_dtype(precision: str | torch.dtype, device: torch.device | str) ->
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of {'|'.join(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"precision must be {'|'.join(PRECISIONS)}, got {precision!r}")
     return _DTYPES[precision]
 
 

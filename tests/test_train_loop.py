@@ -26,12 +26,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from shapee.io.checkpoint import CheckpointError, load_checkpoint, load_snapshot
+from shapee.runtime import precision_dtype
 from shapee.train import (
     EMA,
     TrainerConfig,
     ema_beta,
     lr_factor,
-    resolve_precision,
     resolve_trainer_config,
     train,
     weighted_total,
@@ -395,8 +395,8 @@ def test_resume_errors_name_the_file(tmp_path):
 
 
 def test_precision_policy_bf16_and_fp16_on_cpu(tmp_path):
-    assert resolve_precision("auto", torch.device("cpu")) == torch.float32  # fp32 on CPU
-    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    assert precision_dtype("auto", torch.device("cpu")) == torch.float32  # fp32 on CPU
+    assert precision_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     dtypes = []
 
     class Probe(ToyMLP):

@@ -74,6 +74,7 @@ from shapee.data.records import (
 from shapee.data.render import rasterize, shade
 from shapee.data.sdf import open_edges, sample_sdf_points
 from shapee.data.toy import TOY_SHAPES, toy_assets
+from shapee.runtime import resolve_device
 
 MESH_EXTENSIONS = (".obj", ".glb", ".gltf", ".ply", ".stl", ".off")
 STAGES = ("load", "render", "pointcloud", "sdf", "write")
@@ -172,12 +173,6 @@ def asset_seed(asset_id: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
@@ -199,7 +194,7 @@ def build_record(mesh, asset_id: str, settings: PrepareSettings) -> tuple[dict[s
     s = settings
     timings: dict[str, float] = {}
     seed = asset_seed(asset_id, s.seed)
-    device = _resolve_device(s.device)
+    device = str(resolve_device(s.device))
     generator = torch.Generator().manual_seed(seed)
 
     # Encoder, target and point-cloud cameras from one stream, in this order (reproducible per asset).

@@ -32,7 +32,7 @@ from shapee.conditioning.clip import FrozenCLIP
 from shapee.diffusion import SAMPLERS, GaussianDiffusion, guided_denoiser
 from shapee.diffusion.cuda_graph import CUDAGraphDenoiser, maybe_cuda_graphed
 from shapee.models.denoiser import LatentDenoiser
-from shapee.runtime import autocast_dtype
+from shapee.runtime import PRECISIONS, autocast_dtype
 
 # The released priors' sizes (reference §5.1): everything but the heads and the conditioning width is shared.
 OFFICIAL_DENOISER = dict(d_latent=1024, n_ctx=1024, width=1024, layers=24, init_scale=0.25, pos_emb_init_scale=0.05,
@@ -111,8 +111,8 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         if cond_mode not in OFFICIAL_BY_MODE:
             raise ValueError(f"cond_mode must be 'text' or 'image', got {cond_mode!r}")
-        if precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be auto|bf16|fp16|fp32, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be {'|'.join(PRECISIONS)}, got {precision!r}")
         denoiser_kwargs = {**OFFICIAL_DENOISER, **OFFICIAL_BY_MODE[cond_mode], **dict(denoiser or {})}
         if denoiser_kwargs.pop("cond_mode", cond_mode) != cond_mode:
             raise ValueError(f"denoiser.cond_mode disagrees with cond_mode={cond_mode!r}; set only cond_mode")

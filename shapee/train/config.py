@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from shapee.runtime import PRECISIONS
+
 
 @dataclass
 class OptimizerConfig:
@@ -96,8 +98,8 @@ def resolve_trainer_config(cfg: DictConfig | Mapping[str, Any] | TrainerConfig |
         (m.grad_accum_steps >= 1, f"grad_accum_steps must be ≥ 1, got {m.grad_accum_steps}"),
         (m.num_workers >= 0, f"num_workers must be ≥ 0, got {m.num_workers}"),
         (
-            m.precision in ("auto", "bf16", "fp16", "fp32"),
-            f"precision must be auto|bf16|fp16|fp32, got {m.precision!r}",
+            m.precision in PRECISIONS,
+            f"precision must be {'|'.join(PRECISIONS)}, got {m.precision!r}",
         ),
         (m.grad_clip is None or m.grad_clip > 0, f"grad_clip must be > 0 or null, got {m.grad_clip}"),
         (len(m.optimizer.betas) == 2, f"optimizer.betas must have two entries, got {list(m.optimizer.betas)}"),

@@ -25,7 +25,7 @@ from shapee.data.cap3d import Cap3DLatentDataset
 from shapee.data.latents import LatentDataset, collate_latents
 from shapee.io.safe import instantiate_model
 from shapee.models.latent_diffusion import LatentDiffusion
-from shapee.train.loop import train
+from shapee.train.loop import find_resume_checkpoint, train
 from shapee.train.rng import seed_everything
 from shapee.io.loading import load_transmitter
 from shapee.io.official_priors import load_official_prior_weights
@@ -41,12 +41,6 @@ def init_from_official(model: LatentDiffusion, path: str) -> None:
             ``model`` (every offending key listed), e.g. a text checkpoint into an image prior.
     """
     load_official_prior_weights(model, path, name=f"{OFFICIAL_NAME[model.cond_mode]} (init_official={path})")
-
-
-def _will_resume(resume: str | None, run_dir: Path) -> bool:
-    if resume in (None, "never", ""):
-        return False
-    return (run_dir / "checkpoints" / "last.pt").is_file() if resume == "auto" else True
 
 
 @refuse_renamed_kwargs(decoder="use transmitter= (the weights that decode latents)")
@@ -154,7 +148,7 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
     model = instantiate_model(model_cfg, source="train_diffusion: model", expected="shapee.models.LatentDiffusion",
                               error=ValueError)
     run_dir = Path(cfg.run_dir)
-    if cfg.init_official and not _will_resume(cfg.resume, run_dir):
+    if cfg.init_official and find_resume_checkpoint(cfg.resume, run_dir / "checkpoints") is None:
         init_from_official(model, cfg.init_official)
 
     dataset = build_latent_dataset(cfg.data, cond=model.cond_mode, latent_shape=model.latent_shape)

@@ -47,8 +47,7 @@ from shapee.data.records import (
 # The transmitter loader lives with the other loaders in shapee.io.loading; re-exported here for old imports.
 from shapee.io.loading import ENCODER_FORMATS, EncoderLoadError, load_transmitter  # noqa: F401
 from shapee.models.latent_diffusion import build_frozen_clip
-from shapee.runtime import resolve_device
-from shapee.train.loop import resolve_precision
+from shapee.runtime import precision_dtype, resolve_device
 
 
 class _GuardedItems(torch.utils.data.Dataset):
@@ -210,7 +209,7 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         num_workers=int(cfg.num_workers), collate_fn=_collate_guarded, pin_memory=device.type == "cuda",
     )
     sources = {r.asset_id: dataset.root / r.record for r in dataset.records}
-    amp_dtype = resolve_precision(cfg.precision, device)
+    amp_dtype = precision_dtype(cfg.precision, device)
     generator = torch.Generator(device).manual_seed(int(cfg.seed) * world + rank)
     progress = progress_bar(total=len(todo), desc="extract", unit="asset", enabled=bool(cfg.progress) and rank == 0)
 

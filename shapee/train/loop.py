@@ -49,6 +49,7 @@ from shapee.train.ema import EMA, ema_beta
 from shapee.train.logger import IntervalMeter, RunLogger
 from shapee.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from shapee.runstatus import unfinished_reason, write_status
+from shapee.runtime import precision_dtype
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]
 
@@ -113,7 +114,7 @@ def train(
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved.run)))
-    resume_path = _resume_path(cfg.resume, ckpt_dir)
+    resume_path = find_resume_checkpoint(cfg.resume, ckpt_dir)
 
     # 4. Build/move: the model to its device; init_from loads weights only (chaining stages), unless resuming.
     model.to(device).train()
@@ -284,7 +285,7 @@ def _build_run(
             min_lr_ratio=schedule.min_lr_ratio,
         ),
     )
-    amp_dtype = resolve_precision(cfg.precision, device)
+    amp_dtype = precision_dtype(cfg.precision, device)
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 only, as nanoGPT
     data = DataStream(
@@ -542,18 +543,6 @@ def lr_factor(step: int, *, warmup_steps: int, decay: str, max_steps: int, min_l
     raise ValueError(f"lr_schedule.decay must be constant|cosine, got {decay!r}")
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on CUDA devices that support it, fp32 elsewhere; ``bf16``/``fp16``/``fp32`` as named."""
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be auto|bf16|fp16|fp32, got {precision!r}")
-    return dtypes[precision]
-
-
 class _LossDictForward(nn.Module):
     """``forward(batch) = model.loss_dict(batch)``, so that DDP (which hooks ``forward`` only) can wrap it."""
 
@@ -589,7 +578,7 @@ def _run_eval(eval_fn: EvalFn, ema_model: nn.Module, step: int, logger: RunLogge
     return scalars
 
 
-def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
+def find_resume_checkpoint(resume: str | None, ckpt_dir: Path) -> Path | None:
     """``auto`` → ``ckpt_dir/last.pt`` if it exists; ``never``/null → None; else the given path (must exist)."""
     if resume in (None, "never", ""):
         return None
