@@ -30,7 +30,7 @@ import torch
 from shapee.models import Transmitter
 from shapee.render.grid import DEFAULT_GRID_SIZE, query_grid
 from shapee.render.mesh import extract_meshes, query_vertex_colors, to_trimesh
-from shapee.runtime import sync
+from shapee.runtime import resolve_device, sync
 
 STEPS = ("decode", "grid", "mc", "colors", "trimesh", "total")
 
@@ -66,7 +66,7 @@ def bench_latent_to_mesh(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model = transmitter if transmitter is not None else _release_size_decoder(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     latent = torch.randn(batch_size, model.encoder.latent_ctx, model.encoder.d_latent, generator=g).tanh().to(device)

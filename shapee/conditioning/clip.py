@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shapee.runtime import precision_dtype
+from shapee.runtime import precision_dtype, resolve_device
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,7 +57,7 @@ class FrozenCLIP(nn.Module):
         super().__init__()
         import open_clip  # here, not at the top: ~2 s to import, and only building a CLIP needs it
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         self.model_name = model_name if model_cfg is None else "custom"
         if model_cfg is not None:
             model = open_clip.model.CLIP(**{k: v for k, v in model_cfg.items()})

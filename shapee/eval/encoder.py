@@ -49,10 +49,11 @@ from shapee.data.dataset import AssetDataset, collate_assets
 from shapee.data.records import arrays_sha256
 from shapee.eval.config import EncoderEval, defaults, merge_settings
 from shapee.eval.metrics import point_set_metrics, psnr_per_item, sample_mesh_points
-from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
+from shapee.eval.report import markdown_table, save_image_grid, write_results
 from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
 from shapee.io.loading import load_transmitter
 from shapee.models.transmitter import batch_cameras
+from shapee.runtime import resolve_device
 
 # EncoderEval's defaults as a dict (a view of the dataclass, not a second copy), for the trainer's evaluation.
 ENCODER_DEFAULTS: dict[str, Any] = defaults(EncoderEval)
@@ -322,7 +323,7 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
     labels = s.labels
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"labels has {len(labels)} names for {len(paths)} checkpoints")
-    device = pick_device(s.device)
+    device = resolve_device(s.device)
     sources = SourceMeshes(int(s.toy_seed))
     out = Path(s.out) if s.out else None
 

@@ -36,10 +36,10 @@ from shapee.cameras import orbit_cameras
 from shapee.cli import progress_bar
 from shapee.eval.config import EvalClipConfig, GenerationEval, merge_settings
 from shapee.eval.metrics import retrieval_ranks
-from shapee.eval.report import markdown_table, pick_device, save_image_grid, write_results
+from shapee.eval.report import markdown_table, save_image_grid, write_results
 from shapee.io.loading import load_transmitter
 from shapee.models.latent_diffusion import LatentDiffusion, build_frozen_clip
-from shapee.runtime import timed_call
+from shapee.runtime import resolve_device, timed_call
 
 def read_prompts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
     """The prompt set: a ``.txt`` file (one prompt per line; blank lines and ``#`` comments skipped), a ``.json`` list,
@@ -144,7 +144,7 @@ def evaluate_generation(cfg: Mapping[str, Any]) -> dict[str, Any]:
     # 1. Settings and prompts, checked before any model is built.
     s = _generation_settings(cfg)
     prompts = read_prompts(s.prompts)
-    device = pick_device(s.device)
+    device = resolve_device(s.device)
     # 2. The prior, the transmitter that decodes its latents, the evaluation CLIP.
     prior, transmitter = _generation_models(s, device)
     clip, clip_kwargs, same = _evaluation_clip(s, prior, device)

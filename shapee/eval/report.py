@@ -13,13 +13,6 @@ import torch
 from PIL import Image
 
 
-def pick_device(name: str | None) -> torch.device:
-    """``auto`` (or None): CUDA if available, else CPU; anything else is passed to ``torch.device``."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table: one line per row, cells as ``str``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
