@@ -1,5 +1,6 @@
 """Every Hydra config composes (lightning-hydra-template style), and the composed values are what scripts expect."""
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,18 @@ def test_sample_config_is_the_dataclass_and_shares_the_sampling_defaults():
         from shapee.sample import sample_assets
 
         sample_assets({"prompt": "a chair", "stepz": 3})
+
+
+def test_every_grid_size_default_is_the_one_marching_cubes_default():
+    """The settings dataclasses sit below render/ (they cannot import it), so their literal 128 is checked here
+    against render.grid.DEFAULT_GRID_SIZE, which the model and the mesh path use."""
+    from shapee.eval.config import EncoderEval
+    from shapee.models import Transmitter
+    from shapee.render.grid import DEFAULT_GRID_SIZE
+    from shapee.settings import SamplingConfig
+
+    assert SamplingConfig().grid_size == DEFAULT_GRID_SIZE
+    assert EncoderEval().grid_size == DEFAULT_GRID_SIZE
+    assert inspect.signature(Transmitter).parameters["stf_grid_size"].default == DEFAULT_GRID_SIZE
+    assert _compose("sample", []).grid_size == DEFAULT_GRID_SIZE
+    assert _compose("evaluate", ["task=encoder"]).grid_size == DEFAULT_GRID_SIZE
