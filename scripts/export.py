@@ -30,10 +30,10 @@ def check_inputs(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> None:
     check_inputs(cfg)
     from shapee.io.diffusers_format import export_diffusers
-    from shapee.io.loading import load_prior, load_transmitter
+    from shapee.io.loading import load_model
 
-    prior = load_prior(cfg.prior, official_name=cfg.prior_official) if cfg.prior else None
-    transmitter = load_transmitter(cfg.transmitter) if cfg.transmitter else None
+    prior = load_model(cfg.prior, expect="prior", official_name=cfg.prior_official) if cfg.prior else None
+    transmitter = load_model(cfg.transmitter, expect="transmitter") if cfg.transmitter else None
     out = export_diffusers(cfg.out, prior=prior, transmitter=transmitter)
     print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 

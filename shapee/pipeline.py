@@ -40,7 +40,7 @@ from shapee.data.mesh import Mesh, to_data_mesh
 from shapee.data.render import render_views
 from shapee.io.download import fetch_official
 from shapee.runtime import resolve_device, sync  # noqa: F401  (resolve_device: re-exported, its old home)
-from shapee.io.loading import load_prior, load_transmitter  # noqa: F401  (load_prior: re-exported, its old home)
+from shapee.io.loading import load_model, load_prior  # noqa: F401  (load_prior: re-exported, its old home)
 from shapee.models import meshing
 from shapee.render.grid import DEFAULT_GRID_SIZE
 from shapee.render.mesh import TensorMesh
@@ -65,7 +65,7 @@ NERF_DENSITY_LEVEL = meshing.NERF_DENSITY_LEVEL  # iso-level of the NeRF density
 def _load_transmitter(path: str | os.PathLike, device: torch.device):
     if not Path(path).exists():
         raise FileNotFoundError(f"transmitter checkpoint {str(path)!r} does not exist")
-    return load_transmitter(path, encoder_format="auto", device=device)
+    return load_model(path, expect="transmitter", device=device)
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -150,7 +150,7 @@ class _To3D(ABC):
                 f"runs/prior_{cls.cond_mode}/checkpoints/snapshot.pt, transmitter=runs/encoder_finetune/checkpoints/"
                 "snapshot.pt) or official=True for the released weights"
             )
-        prior_model = load_prior(prior, official_name=cls.official_prior, device=dev)
+        prior_model = load_model(prior, expect="prior", official_name=cls.official_prior, device=dev)
         return cls(prior_model, _load_transmitter(transmitter, dev), device=dev)
 
     # ------------------------------------------------------------------------------------------------ inputs

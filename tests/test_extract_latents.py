@@ -31,7 +31,8 @@ from shapee.data.latents import (
     write_latent_record,
 )
 from shapee.data.records import read_record
-from shapee.train.extract import EncoderLoadError, extract_latents, load_transmitter
+from shapee.io.loading import EncoderLoadError, load_transmitter
+from shapee.train.extract import extract_latents
 
 FP16_BOUND = 2.0**-12  # float16 rounding error in (−1, 1)
 

@@ -21,9 +21,10 @@ from shapee.io import CheckpointError, OfficialCheckpointError
 from shapee.io import download
 from shapee.io.download import OFFICIAL_FILES, OfficialDownloadError, OfficialFile, fetch_official
 from shapee.models import LatentDiffusion, Transmitter
-from shapee.pipeline import ImageTo3D, TextTo3D, load_prior
+from shapee.io.loading import load_prior
+from shapee.pipeline import ImageTo3D, TextTo3D
 from shapee.sample import slugify
-from shapee.train.extract import EncoderLoadError
+from shapee.io.loading import EncoderLoadError
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 

@@ -24,9 +24,8 @@ from shapee.io import ALLOWED_MODELS, CheckpointError, build_model, check_model_
 from shapee.io.checkpoint import SNAPSHOT_FORMAT, atomic_torch_save, save_checkpoint, save_snapshot
 from shapee.models import LatentDiffusion, Transmitter
 from shapee.models.pointe_sdf import PointESDF
-from shapee.io.loading import load_sdf_teacher
-from shapee.pipeline import TextTo3D, load_prior
-from shapee.train.extract import load_transmitter
+from shapee.io.loading import load_prior, load_sdf_teacher, load_transmitter
+from shapee.pipeline import TextTo3D
 from test_pipeline import prior_config, save_box_decoder, save_prior
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -222,7 +221,7 @@ def test_legitimate_snapshots_and_checkpoints_still_load(legit, kind):
 
 
 def test_wrong_model_kind_keeps_each_loaders_own_error(legit):
-    from shapee.train.extract import EncoderLoadError
+    from shapee.io.loading import EncoderLoadError
 
     with pytest.raises(CheckpointError, match=r"prior=.*transmitter.pt.* not a shapee.models.LatentDiffusion"):
         load_prior(legit["transmitter"])

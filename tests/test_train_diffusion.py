@@ -120,7 +120,7 @@ def test_mismatched_data_and_decoder_are_clear_errors(data, tmp_path):
         train_diffusion(_cfg(*common, f"data.root={data['text']}", "cond=image"))
     with pytest.raises(FileNotFoundError, match="no_latents"):
         train_diffusion(_cfg(*common, f"data.root={tmp_path / 'no_latents'}"))
-    from shapee.train.extract import EncoderLoadError
+    from shapee.io.loading import EncoderLoadError
 
     with pytest.raises(EncoderLoadError, match="nope.pt"):
         train_diffusion(_cfg(*common, f"data.root={data['text']}", f"transmitter={tmp_path / 'nope.pt'}"))

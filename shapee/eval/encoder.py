@@ -51,7 +51,7 @@ from shapee.eval.config import EncoderEval, defaults, merge_settings
 from shapee.eval.metrics import point_set_metrics, psnr_per_item, sample_mesh_points
 from shapee.eval.report import markdown_table, save_image_grid, write_results
 from shapee.io.checkpoint import CHECKPOINT_FORMAT, SNAPSHOT_FORMAT
-from shapee.io.loading import load_transmitter
+from shapee.io.loading import load_model
 from shapee.models.transmitter import batch_cameras
 from shapee.runtime import resolve_device
 
@@ -329,7 +329,7 @@ def evaluate_encoder(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     rows, resolution = [], None
     for i, path in enumerate(paths):
-        model = load_transmitter(path, device=device)
+        model = load_model(path, expect="transmitter", device=device)
         encoder = model.encoder
         read = dict(load_targets=True, load_sdf=False, n_points=encoder.n_points, n_views=encoder.n_views)
         dataset = AssetDataset(root, **read)

@@ -31,13 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import shapee.io
 from shapee.cameras import orbit_cameras
 from shapee.cli import progress_bar
 from shapee.eval.config import EvalClipConfig, GenerationEval, merge_settings
 from shapee.eval.metrics import retrieval_ranks
 from shapee.eval.report import markdown_table, save_image_grid, write_results
-from shapee.io.loading import load_transmitter
+from shapee.io.loading import load_model
 from shapee.models.latent_diffusion import LatentDiffusion, build_frozen_clip
 from shapee.runtime import resolve_device, timed_call
 
@@ -205,10 +204,10 @@ def _generation_settings(cfg: Mapping[str, Any]) -> GenerationEval:
 
 def _generation_models(s: GenerationEval, device: torch.device) -> tuple[LatentDiffusion, Any]:
     """The text prior ``s.prior`` and the transmitter ``s.transmitter``, checked to fit each other."""
-    prior = shapee.io.load(s.prior, device=device)
+    prior = load_model(s.prior, device=device)
     if not isinstance(prior, LatentDiffusion) or prior.cond_mode != "text":
         raise ValueError(f"prior={s.prior!r} is not a text-conditional shapee.models.LatentDiffusion snapshot")
-    transmitter = load_transmitter(s.transmitter, device=device)
+    transmitter = load_model(s.transmitter, expect="transmitter", device=device)
     have = (transmitter.encoder.latent_ctx, transmitter.encoder.d_latent)
     if have != tuple(prior.latent_shape):
         raise ValueError(

@@ -29,7 +29,7 @@ from shapee.data.dataset import AssetDataset, collate_assets
 from shapee.data.mesh import Mesh, load_mesh, to_data_mesh
 from shapee.data.render import rasterize, render_views
 from shapee.eval.metrics import psnr
-from shapee.io.loading import load_transmitter
+from shapee.io.loading import load_model
 from shapee.models.meshing import transmitter_colour_fn
 from shapee.models.transmitter import batch_cameras
 from shapee.render.lighting import shade_basic
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.asset:
         rows += texture_quality_assets(args.asset, target_faces=args.faces, texture_size=args.size)
     if args.transmitter:
-        model = load_transmitter(args.transmitter)
+        model = load_model(args.transmitter, expect="transmitter")
         rows += texture_quality_dataset(model, AssetDataset(args.data), target_faces=args.faces,
                                         texture_size=args.size, grid_size=args.grid, head=args.head)
     print(format_quality(rows))

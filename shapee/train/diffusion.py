@@ -27,7 +27,7 @@ from shapee.io.safe import instantiate_model
 from shapee.models.latent_diffusion import LatentDiffusion
 from shapee.train.loop import find_resume_checkpoint, train
 from shapee.train.rng import seed_everything
-from shapee.io.loading import load_transmitter
+from shapee.io.loading import load_model
 from shapee.io.official_priors import load_official_prior_weights
 
 OFFICIAL_NAME = {"text": "text300M", "image": "image300M"}
@@ -155,7 +155,7 @@ def train_diffusion(cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
 
     transmitter = None
     if cfg.get("transmitter"):
-        transmitter = load_transmitter(cfg.transmitter)
+        transmitter = load_model(cfg.transmitter, expect="transmitter")
         have = (transmitter.encoder.latent_ctx, transmitter.encoder.d_latent)
         if have != model.latent_shape:
             raise ValueError(

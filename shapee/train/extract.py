@@ -45,7 +45,7 @@ from shapee.data.records import (
     write_jsonl_atomic,
 )
 # The transmitter loader lives with the other loaders in shapee.io.loading; re-exported here for old imports.
-from shapee.io.loading import ENCODER_FORMATS, EncoderLoadError, load_transmitter  # noqa: F401
+from shapee.io.loading import load_model
 from shapee.models.latent_diffusion import build_frozen_clip
 from shapee.runtime import precision_dtype, resolve_device
 
@@ -192,7 +192,8 @@ def extract_latents(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         return summary
 
     official = OmegaConf.to_container(cfg.official, resolve=True) if cfg.get("official") else None
-    model = load_transmitter(cfg.transmitter, encoder_format=cfg.encoder_format, official=official, device=device)
+    model = load_model(cfg.transmitter, expect="transmitter", encoder_format=cfg.encoder_format, official=official,
+                       device=device)
     encoder = model.encoder
     if cond == "image" and not 0 <= int(cfg.cond_view) < encoder.n_views:
         raise ValueError(f"cond_view={cfg.cond_view} is not one of the encoder's {encoder.n_views} views")
