@@ -7,12 +7,12 @@ Item (one asset; after :func:`collate_assets` every tensor gains a leading batch
     view_alpha      [V, H, W]     float32  {0, 1}
     view_depth      [V, H, W]     float32  planar depth, +inf background
     view_cameras    [V, 4, 3]     float32  rows origin, x, y, z (``Cameras.from_matrix``)
-    view_fov        []            float32  radians
+    view_fov        []            float64  radians (double: the encoder's rays take tan(fov/2) from it, cameras.py)
     target_rgb      [T, H, W, 3]  float32  (load_targets=True)
     target_alpha    [T, H, W]     float32
     target_depth    [T, H, W]     float32
     target_cameras  [T, 4, 3]     float32
-    target_fov      []            float32
+    target_fov      []            float64
     sdf_points      [P, 3]        float32  (load_sdf=True)
     sdf             [P]           float32  positive inside
     asset_id        str
@@ -93,7 +93,7 @@ class AssetDataset(Dataset):
         n_points = self.n_points
         if n_points is not None and a["points_xyz"].shape[0] < n_points:
             raise RecordError(f"record {path}: has {a['points_xyz'].shape[0]} points, n_points={n_points} asked")
-        fov = torch.tensor(meta["fov"], dtype=torch.float32)
+        fov = torch.tensor(meta["fov"], dtype=torch.float64)  # the stored angle as written, not rounded to float32
         points = np.concatenate(
             [a["points_xyz"][:n_points], a["points_rgb"][:n_points].astype(np.float32) / 255.0], axis=-1
         )  # [N, 6]

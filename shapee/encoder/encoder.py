@@ -39,7 +39,8 @@ class ChannelsEncoder(nn.Module):
     ``encoder(batch) -> latent [B, latent_ctx, d_latent]`` where ``batch`` holds (dataset contract):
     ``points`` ``[B, N, 6]`` (xyz world frame, rgb in [0, 1], FPS-ordered), ``views`` ``[B, V, H, W, 3]`` sRGB in
     [0, 1] on black, ``view_alpha`` ``[B, V, H, W]``, ``view_depth`` ``[B, V, H, W]`` planar (+inf background),
-    ``view_cameras`` ``[B, V, 4, 3]`` (rows origin, x, y, z), ``view_fov`` ``[B]`` or scalar (radians).
+    ``view_cameras`` ``[B, V, 4, 3]`` (rows origin, x, y, z), ``view_fov`` ``[B]`` or scalar (radians; float64 keeps
+    the official rays' tan(fov/2) exact, float32 is rounded first).
 
     Defaults are the released sizes (``mv_hidden`` defaults to ``width // 2``, 512). Randomness: the point-conv
     neighbour shuffle (train and eval, §8.3), the choice of ``n_points`` points / ``n_views`` views when more are
@@ -189,7 +190,8 @@ class ChannelsEncoder(nn.Module):
         """Multiview pixel-patch tokens ``[B, V·P, width]`` (source 1), processed ``view_chunk`` views at a time."""
         views = batch["views"]  # [B, V, H, W, 3]
         B, V = views.shape[:2]
-        fov = torch.as_tensor(batch["view_fov"], device=views.device, dtype=torch.float32).reshape(-1)
+        # fov in float64: the rays take tan(fov/2) in double precision, as the official encoder does (cameras.py)
+        fov = torch.as_tensor(batch["view_fov"], device=views.device, dtype=torch.float64).reshape(-1)
         fov = fov.expand(B)[:, None].expand(B, V)  # [B, V]
         tensors = [views, batch["view_alpha"], batch["view_depth"], batch["view_cameras"], fov]
         pick = self._subset(V, self.n_views, B, views.device, generator)
